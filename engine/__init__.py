@@ -1,0 +1,1 @@
+"""hcd training engine: models, distiller, data, trainer and CLI (no Triton here: see kernels/)."""

@@ -1,0 +1,121 @@
+"""`hcd` command line: thin argument parsing over the engine's entry points.
+
+Exit codes: 0 success, 2 bad input (config, data, arguments) with a one-line message, 1 anything else.
+Heavy imports (torch, timm, deepspeed, dali) happen inside the subcommands so `hcd --help` is instant and
+`hcd verify` / `hcd bench` run on machines without DeepSpeed or DALI.
+"""
+import argparse
+import sys
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _train(args):
+    from engine.config import load_config
+    cfg = load_config(args.config, tuple(args.set or ()))
+    from engine.trainer import train
+    return train(cfg, out=args.out, resume=args.resume)
+
+
+def _eval(args):
+    from engine.config import load_config
+    cfg = load_config(args.config, tuple(args.set or ()))
+    from engine.trainer import evaluate_checkpoint
+    return evaluate_checkpoint(cfg, args.checkpoint)
+
+
+def _verify(args):
+    from engine.verify import run_verify
+    return run_verify(device=args.device, quick=args.quick)
+
+
+def _bench(args):
+    from engine.bench import run_bench
+    return run_bench(device=args.device, out_dir=args.out, quick=args.quick)
+
+
+def _data_check(args):
+    from engine.data.check import run_data_check
+    return run_data_check(args.path, workers=args.workers)
+
+
+def _demo(args):
+    from engine.demo import run_demo
+    return run_demo(out=args.out, overrides=tuple(args.set or ()))
+
+
+def _plot(args):
+    from engine.plot import plot_run
+    return plot_run(args.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hcd", description="Heterogeneous Complementary Distillation engine")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", required=True, help="YAML run config (see configs/)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set optim.lr=0.1 (repeatable)")
+
+    t = sub.add_parser("train", help="distil a student with HCD (DeepSpeed ZeRO; 1 process or torchrun/deepspeed)")
+    with_config(t)
+    t.add_argument("--out", help="run folder (default: the config's `out`)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint or exported student on the config's val split")
+    with_config(e)
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder or exported .safetensors")
+    e.set_defaults(func=_eval)
+
+    v = sub.add_parser("verify", help="check the fused kernels against the float64 reference on this device")
+    v.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    v.add_argument("--quick", action="store_true", help="small shapes only")
+    v.set_defaults(func=_verify)
+
+    b = sub.add_parser("bench", help="benchmark fused vs eager vs torch.compile; writes bench/results/*.json")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    b.add_argument("--out", default="bench/results", help="folder for the results JSON")
+    b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    b.set_defaults(func=_bench)
+
+    d = sub.add_parser("data-check", help="decode every image of a dataset folder and report bad files")
+    d.add_argument("path", help="dataset folder (class sub-folders, or train/ and val/ of them)")
+    d.add_argument("--workers", type=int, default=None, help="parallel decoders (default: CPU count)")
+    d.set_defaults(func=_data_check)
+
+    m = sub.add_parser("demo", help="the whole pipeline on the embedded digits data, on CPU in minutes")
+    m.add_argument("--out", default="runs/demo", help="run folder")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of configs/demo.yaml")
+    m.set_defaults(func=_demo)
+
+    pl = sub.add_parser("plot", help="redraw a run folder's loss and accuracy curves (curves.png)")
+    pl.add_argument("run", help="run folder holding metrics.jsonl")
+    pl.set_defaults(func=_plot)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.errors import USER_ERRORS
+    try:
+        code = args.func(args)
+    except USER_ERRORS as e:
+        print(f"hcd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("engine."):
+            raise
+        print(f"hcd {args.command}: not built yet ({e.name} is missing)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hcd {args.command}: interrupted", file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

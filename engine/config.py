@@ -1,0 +1,285 @@
+"""One typed dataclass tree for a run, loaded from YAML with `--set dotted.key=value` overrides.
+
+YAML files only set fields: an unknown key or a wrong type raises ConfigError naming the key path.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from kernels.config import HCDLossConfig
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the offending key path (or file)."""
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "vit_tiny_patch16_224"      # any timm name of a supported teacher family
+    student: str = "resnet18"                  # any timm name of a supported CNN student family
+    teacher_kwargs: dict = field(default_factory=dict)   # extra timm.create_model kwargs (img_size, depth...)
+    student_kwargs: dict = field(default_factory=dict)
+    teacher_checkpoint: Optional[str] = None   # .pt/.pth/.safetensors state dict for the teacher
+    student_checkpoint: Optional[str] = None   # optional initial weights for the student
+    pretrained: bool = False                   # use timm's hub weights (users' machines only)
+    num_classes: int = 1000
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/imagenet"        # folder with train/ and val/ sub-folders of class folders
+    train_dir: str = "train"
+    val_dir: str = "val"
+    train_list: Optional[str] = None   # optional file list "relative/path label" per line
+    val_list: Optional[str] = None
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    batch_size: int = 64               # per rank
+    val_batch_size: Optional[int] = None
+    num_workers: int = 4               # DataLoader workers / DALI threads
+    img_size: int = 224
+    crop_pct: float = 0.875            # val: resize shorter side to img_size / crop_pct, then center crop
+    channels_last: bool = False
+    last_batch: Literal["drop", "partial"] = "drop"   # train; val always keeps the partial last batch
+    on_corrupt: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class HeadConfig:
+    stages: list = field(default_factory=lambda: [1, 2, 3, 4])   # S: student stages with a CFM head
+    cfm_hidden: Optional[int] = None   # None: one Linear; H: Linear -> ReLU -> Linear(H -> n*C)
+    backend: Literal["auto", "eager", "compile", "triton"] = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1                    # for the global batch of the recipe; not rescaled automatically
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 3.0
+    warmup_start_factor: float = 0.01
+    min_lr: float = 0.0
+    step_epochs: int = 30              # step schedule: multiply by gamma every step_epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: Optional[int] = None    # optional cap on optimizer steps
+    grad_accum: int = 1
+    grad_clip: float = 0.0             # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = 20                # metrics reduced (host sync) every N steps
+    eval_every: int = 1                # epochs
+    max_nonfinite: int = 10            # abort after this many non-finite losses in a row
+    teacher_epochs: int = 0            # demo only: train the teacher from scratch first
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    config_file: Optional[str] = None  # a DeepSpeed JSON merged under the generated config
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: HCDLossConfig = field(default_factory=HCDLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, tp, value: Any):
+    """Check (and minimally coerce: int -> float) one YAML value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is getattr(types, "UnionType", ()):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, arg, value)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp in (list, dict):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected a {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(path, hints[key], value)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own __post_init__ check, "field: message"
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any):
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])}: not a section, cannot set {dotted}")
+        node = child
+    if keys[-1] not in node and (len(keys) == 1 or _is_section(".".join(keys[:-1]))):
+        raise ConfigError(f"{dotted}: unknown key")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str):
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
+    """Defaults <- YAML file <- overrides ('a.b=value' strings). Raises ConfigError on any problem."""
+    tree = to_dict(Config())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _merge(tree, data, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: dict, new: dict, prefix: str):
+    for key, value in new.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in base:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and isinstance(value, dict) and base[key] and _is_section(path):
+            _merge(base[key], value, path)
+        else:
+            base[key] = value
+
+
+def _is_section(path: str) -> bool:
+    """True for dataclass sections (merged key by key); free-form dict fields are replaced whole."""
+    cls = Config
+    for key in path.split("."):
+        hints = typing.get_type_hints(cls)
+        tp = hints.get(key)
+        if not dataclasses.is_dataclass(tp):
+            return False
+        cls = tp
+    return True
+
+
+def validate(cfg: Config):
+    """Cross-field checks that single types cannot express."""
+    def need(ok, path, msg):
+        if not ok:
+            raise ConfigError(f"{path}: {msg}")
+    need(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.img_size >= 8, "data.img_size", f"must be >= 8, got {cfg.data.img_size}")
+    need(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
+    need(cfg.model.num_classes >= 2, "model.num_classes", "must be >= 2")
+    need(len(cfg.head.stages) > 0 and all(isinstance(s, int) and 1 <= s <= 4 for s in cfg.head.stages)
+         and len(set(cfg.head.stages)) == len(cfg.head.stages),
+         "head.stages", f"must be distinct integers in 1..4, got {cfg.head.stages}")
+    need(cfg.head.cfm_hidden is None or cfg.head.cfm_hidden >= 1, "head.cfm_hidden", "must be >= 1 or null")
+    need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    need(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+    need(cfg.schedule.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
+    need(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
+    need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
+
+
+def dump_config(cfg: Config, path) -> None:
+    """Write the resolved config as YAML (the run folder's config.yaml)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

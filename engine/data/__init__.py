@@ -1,0 +1,1 @@
+"""Data loading: DALI pipelines, torch fallback, the embedded demo dataset, data-check."""

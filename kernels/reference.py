@@ -1,0 +1,97 @@
+"""Eager PyTorch reference of the HCD losses: the numerics ground truth (HCD_SPEC.md, term by term).
+
+Readable over fast. All arithmetic is float32 for 16-bit inputs (float64 stays float64); the scalar
+losses come back in that compute dtype and autograd returns gradients in each input's own dtype.
+Out-of-range labels (only possible on CUDA, where they are not checked up front) give NaN rows
+rather than an out-of-bounds read.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _safe_target(target, num_classes):
+    valid = (target >= 0) & (target < num_classes)
+    return target.clamp(0, num_classes - 1), valid
+
+
+def smoothed_ce_rows(logits, target, eps):
+    """Per-row CE_eps(logits, y) = (1-eps)(-log p_y) + eps * mean_c(-log p_c); logits (..., C), target (...)."""
+    C = logits.shape[-1]
+    y, valid = _safe_target(target, C)
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    smooth = -logp.mean(dim=-1)
+    rows = (1.0 - eps) * nll + eps * smooth
+    return torch.where(valid, rows, torch.full_like(rows, float("nan")))
+
+
+def kl_rows(target_logits, learner_logits, T):
+    """Per-row T^2 * sum_c p_c (log p_c - log q_c), p = softmax(target/T), q = softmax(learner/T)."""
+    logp = torch.log_softmax(target_logits / T, dim=-1)
+    logq = torch.log_softmax(learner_logits / T, dim=-1)
+    return (T * T) * (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def orthogonality_rows(fused, target, threshold):
+    """Per-sample mean over the n(n-1) off-diagonal pairs of relu(cos(u_p, u_q) - theta)^2.
+
+    fused (B, n, C); the ground-truth class entry of every sub-logit is zeroed before L2 normalisation
+    (HCD_SPEC.md [choice: zero-mask]). n = 1 has no pair: the loss is 0.
+    """
+    B, n, C = fused.shape
+    if n == 1:
+        return fused.sum(dim=(1, 2)) * 0.0  # zero, but still connected to the graph
+    y, _ = _safe_target(target, C)
+    keep = torch.ones(B, 1, C, dtype=fused.dtype, device=fused.device)
+    keep.scatter_(2, y.view(B, 1, 1), 0.0)
+    u = F.normalize(fused * keep, p=2.0, dim=-1, eps=1e-12)
+    gram = u @ u.transpose(1, 2)
+    off = 1.0 - torch.eye(n, dtype=fused.dtype, device=fused.device)
+    pen = torch.relu(gram - threshold).square() * off
+    return pen.sum(dim=(1, 2)) / (n * (n - 1))
+
+
+def sublogits(x_student, x_teacher, weight, bias, teacher_logits, cfg):
+    """Z~ (B, n, C) = alpha_s * ([x_s, x_t] W^T + b).view(B, n, C) + alpha_t * z_t, in the compute dtype."""
+    ct = compute_dtype(x_student)
+    Dp = x_student.shape[1]
+    w = weight.to(ct)
+    z = x_student.to(ct) @ w[:, :Dp].t() + x_teacher.to(ct) @ w[:, Dp:].t()
+    if bias is not None:
+        z = z + bias.to(ct)
+    B, C = teacher_logits.shape
+    z = z.view(B, cfg.n_sublogits, C)
+    return cfg.student_scale * z + cfg.teacher_scale * teacher_logits.to(ct).unsqueeze(1)
+
+
+def hcd_head_parts(x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg):
+    """One stage's unweighted (L_sce, L_skl, L_ol), each a 0-dim tensor still attached to the graph."""
+    ct = compute_dtype(x_student)
+    fused = sublogits(x_student, x_teacher, weight, bias, teacher_logits, cfg)
+    B, n, C = fused.shape
+    zs = student_logits.to(ct)
+    y = target.view(B, 1).expand(B, n)
+    sce = smoothed_ce_rows(fused, y, cfg.label_smoothing).mean()
+    kl_target = fused.detach() if cfg.detach_sublogit_target else fused
+    skl = kl_rows(kl_target, zs.unsqueeze(1).expand(B, n, C), cfg.temperature).mean()
+    ol = orthogonality_rows(fused, target, cfg.ol_threshold).mean()
+    return sce, skl, ol
+
+
+def hcd_head_loss_eager(x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg):
+    sce, skl, ol = hcd_head_parts(x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg)
+    total = cfg.ce_weight * sce + cfg.sublogit_kl_weight * skl + cfg.ol_weight * ol
+    return total, sce, skl, ol
+
+
+def student_loss_eager(student_logits, teacher_logits, target, cfg):
+    """(total, L_ce, L_kd): CE_eps(z_s, y) and T_kd^2 KL(softmax(z_t/T_kd) || softmax(z_s/T_kd))."""
+    ct = compute_dtype(student_logits)
+    zs, zt = student_logits.to(ct), teacher_logits.to(ct)
+    ce = smoothed_ce_rows(zs, target, cfg.label_smoothing).mean()
+    kd = kl_rows(zt, zs, cfg.kd_temperature).mean()
+    return cfg.ce_weight * ce + cfg.kd_weight * kd, ce, kd
