@@ -1,0 +1,116 @@
+"""The HCD module: a projector and a CFM per used student stage, and the calls into kernels.*.
+
+The frozen teacher is not part of this module (it is run beside it, so DeepSpeed never wraps, partitions or
+converts it): the trainer passes the teacher's (f_t, z_t) into forward.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from kernels import HCDLossConfig, hcd_head_loss, student_loss
+
+
+def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
+    """dwconv3x3(s2) -> conv1x1 -> BN -> ReLU -> dwconv3x3(s1) -> conv1x1 -> BN -> ReLU (OFA-KD's block)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, stride=2, padding=1, groups=c_in, bias=False),
+        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, groups=c_out, bias=False),
+        nn.Conv2d(c_out, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+    )
+
+
+def projector_channels(stage: int, c_in: int, d_p: int) -> list:
+    """Output widths of the (4 - stage) down-sampling blocks: doubling, the last one ending at D_p."""
+    blocks = 4 - stage
+    return [c_in * 2 ** (k + 1) for k in range(blocks - 1)] + [d_p]
+
+
+class Projector(nn.Module):
+    """P_i: stage feature map (B, C_i, H, W) -> h_i (B, D_p) (HCD_SPEC.md module 1)."""
+
+    def __init__(self, stage: int, c_in: int, d_p: int):
+        super().__init__()
+        if stage == 4:
+            self.body = nn.Conv2d(c_in, d_p, 1)
+        else:
+            layers, c = [], c_in
+            for c_out in projector_channels(stage, c_in, d_p):
+                layers.append(_sep_block(c, c_out))
+                c = c_out
+            self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.body(x)).flatten(1)
+
+
+class CFM(nn.Module):
+    """Complementary Feature Mapper: concat(h_i, f_t) -> n*C logits. The (last) Linear is not applied here:
+    its weight and bias go to kernels.hcd_head_loss, which fuses it with the losses."""
+
+    def __init__(self, d_p: int, d_t: int, num_classes: int, n: int, hidden: Optional[int] = None):
+        super().__init__()
+        self.hidden = None
+        d_in = d_p + d_t
+        if hidden:
+            self.hidden = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True))
+            d_in = hidden
+        self.out = nn.Linear(d_in, n * num_classes)
+
+    def kernel_inputs(self, h: torch.Tensor, f_t: torch.Tensor):
+        """(x_student, x_teacher) for hcd_head_loss: the Linear's input split into its two column ranges."""
+        if self.hidden is None:
+            return h, f_t
+        z = self.hidden(torch.cat([h, f_t], dim=1))
+        return z, z[:, :0]  # the hidden layer mixes both: everything is "x_student", x_teacher is empty
+
+
+@dataclass
+class DistillOutput:
+    logits: torch.Tensor           # student logits (B, C)
+    loss: torch.Tensor             # the HCD_SPEC.md total
+    parts: Dict[str, torch.Tensor]  # detached, unweighted: ce, kd, sce, skl, ol (+ per stage sce1, skl1, ...)
+
+
+class HCDDistiller(nn.Module):
+    """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput."""
+
+    def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg: HCDLossConfig,
+                 stages: Sequence[int] = (1, 2, 3, 4), cfm_hidden: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss_cfg
+        self.stages = list(stages)
+        self.backend = backend
+        d_p = max(student.feature_dim, teacher_dim)
+        self.projectors = nn.ModuleList(
+            Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
+        self.cfms = nn.ModuleList(
+            CFM(d_p, teacher_dim, num_classes, loss_cfg.n_sublogits, cfm_hidden) for _ in self.stages)
+
+    def forward(self, images, target, f_t, z_t) -> DistillOutput:
+        logits, feats = self.student(images)
+        dtype = logits.dtype
+        z_t = z_t.to(dtype)
+        total, parts = student_loss(logits, z_t, target, self.loss_cfg, backend=self.backend)
+        sums = {"sce": 0.0, "skl": 0.0, "ol": 0.0}
+        for stage, feat, proj, cfm in zip(self.stages, feats, self.projectors, self.cfms):
+            x_s, x_t = cfm.kernel_inputs(proj(feat), f_t.to(dtype))
+            w, b = cfm.out.weight, cfm.out.bias
+            head_total, head = hcd_head_loss(x_s.to(dtype), x_t.to(dtype), w, b, z_t, logits, target,
+                                             self.loss_cfg, backend=self.backend)
+            total = total + head_total
+            for key, name in (("sce", "ce"), ("skl", "kl"), ("ol", "ol")):
+                parts[f"{key}{stage}"] = head[name]
+                sums[key] = sums[key] + head[name]
+        parts.update(sums)
+        return DistillOutput(logits=logits, loss=total, parts=parts)
+
+    def spec_total(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """HCD_SPEC.md's total recomputed from unweighted parts (for logging checks and tests)."""
+        c = self.loss_cfg
+        return (c.ce_weight * (parts["ce"] + parts["sce"]) + c.kd_weight * parts["kd"]
+                + c.sublogit_kl_weight * parts["skl"] + c.ol_weight * parts["ol"])

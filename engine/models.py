@@ -1,0 +1,180 @@
+"""timm teacher and student: the frozen teacher wrapper (f_t and z_t from one forward) and the CNN student
+with its stage features. Families are checked up front so an unsupported model fails at construction."""
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import ModelError
+
+# timm module names (timm.models.<family>) whose models give a pooled pre-logits vector and a classifier.
+TEACHER_FAMILIES = {
+    "vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer", "convnext",
+    "resnet", "efficientnet", "regnet", "beit", "eva", "vision_transformer_hybrid", "levit", "cait",
+}
+# CNN students: NCHW stage features at reductions 4, 8, 16, 32 (HCD_SPEC.md stages 1..4).
+STUDENT_FAMILIES = {"resnet", "efficientnet", "mobilenetv3", "regnet", "convnext", "resnest", "ghostnet"}
+# Token-sequence students need their own projectors (HCD_SPEC.md "Later").
+TOKEN_FAMILIES = {"vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer",
+                  "beit", "eva", "cait", "levit", "vision_transformer_hybrid"}
+STAGE_REDUCTIONS = {1: 4, 2: 8, 3: 16, 4: 32}
+
+
+def model_family(name: str, field: str) -> str:
+    """The timm module a model name lives in, e.g. 'resnet18' -> 'resnet'; ModelError for unknown names."""
+    import timm
+    if not timm.is_model(name):
+        raise ModelError(f"{field}: unknown timm model {name!r}")
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def load_state_dict_file(path: str, field: str) -> dict:
+    """A checkpoint's state dict: safetensors, or a torch file read with weights_only=True.
+
+    Accepts a bare state dict or one nested under 'state_dict' / 'model' / 'module' (common trainer
+    layouts) and strips a DistributedDataParallel 'module.' prefix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{field}: checkpoint file not found: {path}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with objects, wrong format
+        raise ModelError(f"{field}: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{field}: {path} does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_weights(model: nn.Module, path: str, field: str) -> None:
+    sd = load_state_dict_file(path, field)
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {tuple(v.shape)}, model wants {tuple(own[k].shape)}"
+                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelError(f"{field}: {path} does not fit the model: {', '.join(problems[:3])}{more}")
+    model.load_state_dict(sd)
+
+
+def _create(name: str, num_classes: int, pretrained: bool, kwargs: dict, field: str) -> nn.Module:
+    import timm
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:  # an unknown kwarg from the config
+        raise ModelError(f"{field}: {e}") from None
+
+
+def norm_stats(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen timm classifier returning (f_t, z_t) from one forward.
+
+    No parameter requires grad, the model stays in eval mode whatever `.train()` is called with, and the
+    forward runs under no_grad (not inference_mode: its outputs are saved for the CFM's backward, which
+    inference tensors cannot be). Inputs normalised for the student are re-normalised for the teacher, and
+    resized when the teacher was built for a fixed other resolution (ViT patch embedding)."""
+
+    def __init__(self, model: nn.Module, student_mean=None, student_std=None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        head = model.get_classifier()
+        if not isinstance(head, nn.Module):
+            raise ModelError(f"model.teacher: {type(model).__name__} has several classifier heads; not supported")
+        self.head = head
+        t_mean, t_std = norm_stats(model)
+        s_mean = student_mean if student_mean is not None else t_mean
+        s_std = student_std if student_std is not None else t_std
+        # x_teacher = (x * s_std + s_mean - t_mean) / t_std, as one per-channel affine map.
+        scale = torch.tensor(s_std) / torch.tensor(t_std)
+        shift = (torch.tensor(s_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)
+        self.renormalise = not (torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3)))
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        self.input_size = tuple(size) if size is not None and not getattr(model, "dynamic_img_size", False) else None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features if hasattr(self.head, "in_features") else self.model.num_features
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: BatchNorm statistics and dropout never change
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = images
+        if self.renormalise:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        autocast = x.device.type == "cuda" and x.dtype == torch.float32
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            feats = self.model.forward_features(x)
+            f_t = self.model.forward_head(feats, pre_logits=True)
+            z_t = self.head(f_t)
+        return f_t, z_t
+
+
+class StudentModel(nn.Module):
+    """A timm CNN returning (logits, [stage feature maps for the requested stages])."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.stages = list(stages)
+        info = list(model.feature_info)
+        by_reduction = {f["reduction"]: i for i, f in enumerate(info)}
+        missing = [s for s in self.stages if STAGE_REDUCTIONS[s] not in by_reduction]
+        if missing:
+            raise ModelError(f"model.student: {type(model).__name__} has no stage at reduction "
+                             f"{STAGE_REDUCTIONS[missing[0]]} (stage {missing[0]})")
+        self.indices = [by_reduction[STAGE_REDUCTIONS[s]] for s in self.stages]
+        self.stage_channels = [info[i]["num_chs"] for i in self.indices]
+        self.feature_dim = model.num_features
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        final, feats = self.model.forward_intermediates(images, indices=self.indices)
+        return self.model.forward_head(final), feats
+
+
+def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None, pretrained: bool = False,
+                  kwargs: Optional[dict] = None, student_mean=None, student_std=None) -> FrozenTeacher:
+    family = model_family(name, "model.teacher")
+    if family not in TEACHER_FAMILIES:
+        raise ModelError(f"model.teacher: model family {family!r} ({name}) is not supported as a teacher "
+                         f"(supported: {', '.join(sorted(TEACHER_FAMILIES))})")
+    model = _create(name, num_classes, pretrained and checkpoint is None, kwargs or {}, "model.teacher_kwargs")
+    if checkpoint:
+        load_weights(model, checkpoint, "model.teacher_checkpoint")
+    return FrozenTeacher(model, student_mean, student_std)
+
+
+def build_student(name: str, num_classes: int, stages: Sequence[int], checkpoint: Optional[str] = None,
+                  pretrained: bool = False, kwargs: Optional[dict] = None) -> StudentModel:
+    family = model_family(name, "model.student")
+    if family in TOKEN_FAMILIES:
+        raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student; "
+                         "HCD projectors for those are not built yet (HCD_SPEC.md 'Later')")
+    if family not in STUDENT_FAMILIES:
+        raise ModelError(f"model.student: model family {family!r} ({name}) is not supported as a student "
+                         f"(supported: {', '.join(sorted(STUDENT_FAMILIES))})")
+    model = _create(name, num_classes, pretrained and checkpoint is None, kwargs or {}, "model.student_kwargs")
+    if checkpoint:
+        load_weights(model, checkpoint, "model.student_checkpoint")
+    return StudentModel(model, stages)

@@ -1,0 +1,117 @@
+"""Teacher/student wrappers and the HCD distiller on tiny timm models at 32x32 (CPU)."""
+import pytest
+import torch
+
+from engine.distiller import HCDDistiller, Projector, projector_channels
+from engine.errors import ModelError
+from engine.models import build_student, build_teacher, load_state_dict_file, norm_stats
+from kernels import HCDLossConfig
+
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
+
+
+def _pair(student="resnet18", stages=(1, 2, 3, 4), num_classes=7):
+    s = build_student(student, num_classes, stages)
+    mean, std = norm_stats(s.model)
+    t = build_teacher("vit_tiny_patch16_224", num_classes, kwargs=TINY_VIT, student_mean=mean, student_std=std)
+    return t, s
+
+
+def test_teacher_outputs_match_plain_forward_and_stay_frozen():
+    torch.manual_seed(0)
+    t, _ = _pair()
+    x = torch.randn(3, 3, 32, 32)
+    t.train()  # must not leave eval mode
+    assert not t.model.training and not any(p.requires_grad for p in t.parameters())
+    f_t, z_t = t(x)
+    assert f_t.shape == (3, 48) and z_t.shape == (3, 7) and t.feature_dim == 48
+    # z_t from the pre-logits equals the model's own forward on the re-normalised input
+    x_t = x * t.scale + t.shift
+    torch.testing.assert_close(z_t, t.model(x_t), rtol=1e-5, atol=1e-5)
+    assert t.renormalise  # ViT uses 0.5/0.5, ResNet ImageNet stats
+
+
+def test_teacher_renormalisation_maps_student_input_to_teacher_input():
+    t, s = _pair()
+    (sm, ss), (tm, ts) = norm_stats(s.model), norm_stats(t.model)
+    raw = torch.rand(2, 3, 4, 4)
+    as_student = (raw - torch.tensor(sm).view(1, 3, 1, 1)) / torch.tensor(ss).view(1, 3, 1, 1)
+    as_teacher = (raw - torch.tensor(tm).view(1, 3, 1, 1)) / torch.tensor(ts).view(1, 3, 1, 1)
+    torch.testing.assert_close(as_student * t.scale + t.shift, as_teacher, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", [64, 128, 256, 512]),
+                                           ("mobilenetv2_100", [24, 32, 96, 320])])
+def test_student_stage_features(name, channels):
+    s = build_student(name, 5, [1, 2, 3, 4])
+    logits, feats = s(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 5)
+    assert [f.shape[1] for f in feats] == channels == s.stage_channels
+    assert [f.shape[-1] for f in feats] == [8, 4, 2, 1]
+
+
+def test_projector_shapes_follow_the_spec():
+    assert projector_channels(1, 64, 768) == [128, 256, 768]
+    assert projector_channels(3, 256, 768) == [768]
+    for stage, c, hw in [(1, 64, 8), (2, 128, 4), (3, 256, 2), (4, 512, 1)]:
+        p = Projector(stage, c, 96)
+        assert p(torch.randn(2, c, hw, hw)).shape == (2, 96)
+    assert isinstance(Projector(4, 512, 96).body, torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize("name,field", [
+    ("vit_tiny_patch16_224", "model.student"),     # token-sequence student: not yet
+    ("not_a_model", "model.student"),
+    ("bat_resnext26ts", "model.student"),         # a family we do not list
+])
+def test_unsupported_students_fail_at_construction(name, field):
+    with pytest.raises(ModelError, match=rf"^{field}:"):
+        build_student(name, 10, [1, 2, 3, 4])
+
+
+def test_unsupported_teacher_fails_naming_the_family():
+    with pytest.raises(ModelError, match="byobnet"):
+        build_teacher("bat_resnext26ts", 10)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    s = build_student("resnet18", 4, [4])
+    torch.save({"state_dict": {"module." + k: v for k, v in s.model.state_dict().items()}}, tmp_path / "s.pth")
+    s2 = build_student("resnet18", 4, [4], checkpoint=str(tmp_path / "s.pth"))
+    for (k, a), b in zip(s.model.state_dict().items(), s2.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(ModelError, match="does not fit"):
+        build_student("resnet18", 4, [4], checkpoint=str(tmp_path / "bad.pth"))
+    torch.save({"obj": object()}, tmp_path / "pickle.pth")  # refused by weights_only
+    with pytest.raises(ModelError, match="cannot read checkpoint"):
+        load_state_dict_file(str(tmp_path / "pickle.pth"), "model.teacher_checkpoint")
+    with pytest.raises(ModelError, match="not found"):
+        load_state_dict_file(str(tmp_path / "missing.pth"), "model.teacher_checkpoint")
+
+
+@pytest.mark.parametrize("student,stages,hidden", [("resnet18", (1, 2, 3, 4), None),
+                                                   ("mobilenetv2_100", (2, 4), 32)])
+def test_distiller_forward_backward(student, stages, hidden):
+    torch.manual_seed(0)
+    t, s = _pair(student, stages)
+    cfg = HCDLossConfig(n_sublogits=3, sublogit_kl_weight=2.0, ol_weight=0.5, kd_weight=0.7)
+    model = HCDDistiller(s, t.feature_dim, 7, cfg, stages=stages, cfm_hidden=hidden, backend="eager")
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 7, (4,))
+    model.train()
+    t.train()
+    f_t, z_t = t(x)
+    out = model(x, y, f_t, z_t)
+    out.loss.backward()
+    assert out.logits.shape == (4, 7)
+    # the module's total is the spec's total recomputed from its unweighted parts
+    torch.testing.assert_close(out.loss.detach(), model.spec_total(out.parts), rtol=1e-6, atol=1e-6)
+    assert set(out.parts) >= {"ce", "kd", "sce", "skl", "ol"} | {f"skl{i}" for i in stages}
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "student.model" not in name:  # projectors and CFMs always see a nonzero gradient
+            assert p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in t.parameters())
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BN statistics and weights untouched
