@@ -37,7 +37,7 @@ class DataConfig:
     val_dir: str = "val"
     train_list: Optional[str] = None   # optional file list "relative/path label" per line
     val_list: Optional[str] = None
-    loader: Literal["auto", "dali", "torch"] = "auto"
+    loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"   # synthetic: random tensors (benchmarks)
     batch_size: int = 64               # per rank
     val_batch_size: Optional[int] = None
     num_workers: int = 4               # DataLoader workers / DALI threads
