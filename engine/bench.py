@@ -82,18 +82,26 @@ def grad_tensors(inp: dict) -> List[torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ costs
 
+FORWARD_LAUNCHES = ("z_gemm", "row", "loss_sum")   # the fused forward (dLoss/dZ is computed in it)
+BACKWARD_LAUNCHES = ("dx_gemm", "dw_gemm", "dz_scale")
+
+
+def _mode_cost(launches: dict, mode: str):
+    names = {"forward": FORWARD_LAUNCHES, "backward": BACKWARD_LAUNCHES,
+             "full": FORWARD_LAUNCHES + BACKWARD_LAUNCHES}[mode]
+    picked = [launches[k] for k in names if k in launches]
+    return sum(f for f, _ in picked), sum(b for _, b in picked)
+
+
 def head_cost(shape: HeadShape, dtype_bytes: int, mode: str):
-    """(FLOP, bytes) of one stage's head in `mode`, counted for the fused launch plan."""
+    """(FLOP, bytes) of one stage's head in `mode`, from the fused launch plan's own model."""
     from kernels.hcd_head import head_flops_bytes
-    fwd_f, fwd_b, bwd_f, bwd_b = head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes)
-    return {"forward": (fwd_f, fwd_b), "backward": (bwd_f, bwd_b), "full": (fwd_f + bwd_f, fwd_b + bwd_b)}[mode]
+    return _mode_cost(head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes), mode)
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
-    """The student loss is memory-bound: read z_s and z_t, write dz_s (about 20 FLOP per logit)."""
-    flops, fwd_bytes = 20 * B * C, 3 * B * C * dtype_bytes
-    return {"forward": (flops, fwd_bytes), "backward": (B * C, 2 * B * C * dtype_bytes),
-            "full": (flops + B * C, fwd_bytes + 2 * B * C * dtype_bytes)}[mode]
+    from kernels.hcd_head import student_flops_bytes
+    return _mode_cost(student_flops_bytes(B, C, dtype_bytes), mode)
 
 
 def roofline_for(device: torch.device) -> Optional[dict]:
