@@ -93,6 +93,10 @@ def test_start_batch_resumes_mid_epoch(dataset, backend):
     full = ids_of(train)
     train.set_epoch(2, start_batch=5)
     assert ids_of(train) == full[5 * 4:]
+    train.set_epoch(2)
+    for _ in zip(range(2), train):   # a pass abandoned mid-epoch leaves nothing behind
+        pass
+    assert ids_of(train) == full
     with pytest.raises(ValueError):
         train.set_epoch(0, start_batch=len(train) + 1)
 
