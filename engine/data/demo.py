@@ -51,7 +51,7 @@ def _write(folder: Path) -> None:
             (folder / split / str(c)).mkdir(parents=True)
     for i, (img, label) in enumerate(zip(images, labels)):
         split = "val" if is_val[i] else "train"
-        im = Image.fromarray(img, mode="L").resize((SIZE, SIZE), Image.BICUBIC).convert("RGB")
+        im = Image.fromarray(img).resize((SIZE, SIZE), Image.BICUBIC).convert("RGB")
         im.save(folder / split / str(label) / f"{i:04d}.jpg", quality=95)
     (folder / ".complete").write_text(FORMAT + "\n")
 
