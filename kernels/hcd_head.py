@@ -42,7 +42,7 @@ import triton.language as tl
 from kernels import reference
 from kernels.student import row_num_warps, softmax_stats
 
-_NORM_EPS = 1e-12  # F.normalize's eps
+_NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may read it)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,19 +112,19 @@ def _gemm_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, c_ptr, bias_ptr, scale_ptr, col
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)  # int32 offsets: _gemm checks every operand has < 2^31 elements
     tiles_1 = tl.cdiv(N1, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     colsum = tl.zeros((BM,), dtype=tl.float32)
     if SPLIT_N and pid_n >= tiles_1:
         # second column range: B2 (x_t), output columns start at N1
-        rn = ((pid_n - tiles_1) * BN + tl.arange(0, BN)).to(tl.int64)
+        rn = (pid_n - tiles_1) * BN + tl.arange(0, BN)
         acc, colsum = _accumulate(acc, a1_ptr, b2_ptr, rm, rn, M, N2, K1, sa1m, sa1k, sb2k, sb2n, colsum,
                                   DOT_DTYPE, PRECISION, False, BM, BN, BK)
         out_n = rn + N1
         n_ok = rn < N2
     else:
-        rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
         acc, colsum = _accumulate(acc, a1_ptr, b1_ptr, rm, rn, M, N1, K1, sa1m, sa1k, sb1k, sb1n, colsum,
                                   DOT_DTYPE, PRECISION, COLSUM, BM, BN, BK)
         if not SPLIT_N:  # second K range (K2 may be 0): same output tile, A2 against B2
@@ -156,6 +156,9 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
     """
     M, K1 = a1.shape
     N1 = b1.shape[1]
+    # The kernel indexes with int32 (64-bit pointer tiles double its register use); shapes only, no sync.
+    if max(t.numel() for t in (a1, b1, out) + tuple(x for x in (a2, b2) if x is not None)) >= 2 ** 31:
+        raise ValueError("hcd_head: an operand has >= 2^31 elements, beyond the fused GEMM's int32 indexing")
     if split_n:
         N2, K2 = b2.shape[1], 0
         a2 = a1
@@ -166,12 +169,9 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
         b2 = b2 if b2 is not None else b1
     if dot_dtype == torch.float32:
         precision = "tf32" if (out.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-        BM, BN, BK = 64, 64, 32
     else:
         precision = "tf32"  # ignored for 16-bit operands
-        BM, BN, BK = 64, 128, 64
-    if M <= 32:
-        BM = 32
+    BM, BN, BK, warps = _tile(M, N1, N2, dot_dtype)
     grid = (triton.cdiv(M, BM), triton.cdiv(N1, BN) + triton.cdiv(N2, BN))
     dummy = out  # placeholder pointer for absent optional operands (never read)
     _gemm_kernel[grid](
@@ -181,9 +181,24 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
         a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
         SPLIT_N=split_n, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, COLSUM=colsum is not None,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], PRECISION=precision, BM=BM, BN=BN, BK=BK,
-        num_warps=4 if BM * BN <= 64 * 64 else 8, num_stages=3)
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=3)
     return out
+
+
+# (BM, BN, BK, warps), largest first. No autotuning: its first-call benchmarking would run inside a
+# training step (and inside CUDA-graph capture); these shapes are few and similar.
+_TILES_16 = ((64, 128, 64, 8), (64, 64, 64, 4), (32, 64, 64, 4))
+_TILES_32 = ((64, 64, 32, 4), (32, 64, 32, 4))
+
+
+def _tile(M, N1, N2, dot_dtype):
+    """The largest tile that still gives ~one CTA per SM of an H100 (132 SMs); dX (M = B, N = D, K = nC
+    long) would otherwise run 48 CTAs at ImageNet size."""
+    tiles = _TILES_32 if dot_dtype == torch.float32 else _TILES_16
+    for BM, BN, BK, warps in tiles:
+        if triton.cdiv(M, BM) * (triton.cdiv(N1, BN) + triton.cdiv(N2, BN)) >= 96:
+            return BM, BN, BK, warps
+    return tiles[-1]
 
 
 # ---------------------------------------------------------------------------------------------------
