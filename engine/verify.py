@@ -3,8 +3,8 @@
 CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp16 (bf16 tl.dot is wrong
 under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
 TRITON_INTERPRET=1 itself, or re-runs `python -m engine.cli verify` in a child process when triton was
-already imported without it. Pass rule and margins: kernels/compare.py. Imports only torch, triton
-(through kernels) and kernels: no DeepSpeed, DALI or timm.
+already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
+kernels/compare.py. Imports only torch, triton (through kernels) and kernels: no DeepSpeed, DALI, timm.
 """
 import os
 import subprocess
@@ -34,9 +34,11 @@ def _device(device):
     return device
 
 
-def _reexec_with_interpreter(quick):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "engine.cli", "verify", "--device", "cpu"] + (["--quick"] if quick else [])
+def _reexec(device, quick, interpret):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "engine.cli", "verify", "--device", device] + (["--quick"] if quick else [])
     return subprocess.call(cmd, env=env)
 
 
@@ -44,10 +46,15 @@ def run_verify(device=None, quick=False) -> int:
     device = _device(device)
     if device is None:
         return 2
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:  # too late to switch this process to the interpreter
-            return _reexec_with_interpreter(quick)
-        os.environ["TRITON_INTERPRET"] = "1"
+    # CPU needs the interpreter; CUDA must not use it (it would run bf16 dots wrongly, and slowly).
+    interpret = device == "cpu"
+    if (os.environ.get("TRITON_INTERPRET") == "1") != interpret:
+        if "triton" in sys.modules:  # too late to switch this process
+            return _reexec(device, quick, interpret)
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
 
     from kernels import HCDLossConfig
     from kernels.compare import Case, check_head, check_student
