@@ -1,0 +1,88 @@
+"""`hcd verify`: the fused Triton losses against the float64 reference on this machine's device.
+
+CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp16 (bf16 tl.dot is wrong
+under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
+TRITON_INTERPRET=1 itself, or re-runs `python -m engine.cli verify` in a child process when triton was
+already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
+kernels/compare.py. Imports only torch, triton (through kernels) and kernels: no DeepSpeed, DALI, timm.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+# (name, Case kwargs, quick?). The ImageNet head takes ~1-2 minutes in the CPU interpreter: full run only.
+SHAPES = [
+    ("odd", dict(B=47, C=123, n=3, Dp=40, Dt=24, teacher_grad=True), True),
+    ("cifar", dict(B=128, C=100, n=4, Dp=512, Dt=384), True),
+    ("imagenet", dict(B=256, C=1000, n=4, Dp=768, Dt=768), False),
+]
+
+
+def _device(device):
+    """The device to check, or None after printing why the argument is unusable (exit code 2)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        print(f"hcd verify: error: --device {device!r} is not cpu or cuda", file=sys.stderr)
+        return None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("hcd verify: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return None
+    return device
+
+
+def _reexec(device, quick, interpret):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "engine.cli", "verify", "--device", device] + (["--quick"] if quick else [])
+    return subprocess.call(cmd, env=env)
+
+
+def run_verify(device=None, quick=False) -> int:
+    device = _device(device)
+    if device is None:
+        return 2
+    # CPU needs the interpreter; CUDA must not use it (it would run bf16 dots wrongly, and slowly).
+    interpret = device == "cpu"
+    if (os.environ.get("TRITON_INTERPRET") == "1") != interpret:
+        if "triton" in sys.modules:  # too late to switch this process
+            return _reexec(device, quick, interpret)
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
+
+    from kernels import HCDLossConfig
+    from kernels.compare import Case, check_head, check_student
+
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.startswith("cuda") else [])
+    cfg = HCDLossConfig()
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU, Triton interpreter"
+    print(f"hcd verify: fused Triton vs float64 reference on {where}; defaults of HCDLossConfig, grad_output 2.5")
+    print("pass: max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64|  (kernels/compare.py)")
+    header = f"{'shape':<9} {'loss':<8} {'dtype':<9} {'output':<6} {'max_abs':>10} {'max_rel':>10} {'tol':>10}  result"
+    print(header)
+    print("-" * len(header))
+    failed = 0
+    for name, kw, in_quick in SHAPES:
+        if quick and not in_quick:
+            continue
+        case = Case(**kw)
+        for dtype in dtypes:
+            for loss, check in (("head", check_head), ("student", check_student)):
+                t0 = time.perf_counter()
+                rows = check(case, cfg, dtype, device=device, backend="triton", grad_scale=2.5)
+                secs = time.perf_counter() - t0
+                for i, r in enumerate(rows):
+                    failed += not r.ok
+                    tag = f"{'ok' if r.ok else 'FAIL'}" + (f"  ({secs:.1f}s)" if i == 0 else "")
+                    print(f"{name:<9} {loss:<8} {str(dtype).replace('torch.', ''):<9} {r.output:<6} "
+                          f"{r.max_abs:>10.3e} {r.max_rel:>10.3e} {r.tol:>10.3e}  {tag}")
+    if quick:
+        print("(--quick: the ImageNet shape B=256 C=1000 n=4 Dp=Dt=768 is skipped; run without --quick for it)")
+    print(f"hcd verify: {'FAILED: ' + str(failed) + ' output(s) outside tolerance' if failed else 'all outputs pass'}")
+    return 1 if failed else 0

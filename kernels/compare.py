@@ -1,0 +1,193 @@
+"""Numerics check of a backend against the float64 reference: inputs, runs and the tolerance rule.
+
+Shared by tests/kernels (through tests/kernels/helpers.py), `hcd verify` and the benchmarks, so that all
+three judge the kernels the same way. Imports only torch and kernels.
+
+Tolerance rule (the one of apple/ml-cross-entropy): for every output (loss, each gradient), with ref the
+float64 reference run on float64 copies of the same inputs,
+    max|ours - ref|  <=  max|eager - ref|  +  MARGIN[dtype] * max|ref|  +  1e-12
+where eager is kernels.reference run on the inputs in their own dtype. MARGIN is relative to the output's
+scale (a normwise bound: single elements near zero are not held to a relative bound). Why the margins:
+- float32: 1e-5, the "tight" bound. Both sides compute in fp32; only summation order differs.
+- float16 / bfloat16: 2 units of the dtype's rounding (2^-11 and 2^-8). The eager reference upcasts
+  everything to fp32 and rounds only the returned gradients; the fused path must also round dZ to the
+  GEMM operand dtype before dX = dZ W and dW = dZ^T X (tensor-core inputs), and a weight kept in float32
+  is rounded to the activation dtype for the GEMMs (as autocast does). Each adds about one rounding of
+  the output's scale; 2 units cover it with room for summation order.
+"""
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from kernels.config import HCDLossConfig
+
+MARGIN = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -11, torch.bfloat16: 2 * 2.0 ** -8}
+
+# Output label -> input name whose gradient it is (None: the loss itself).
+HEAD_OUTPUTS = {"loss": None, "ce": None, "kl": None, "ol": None, "dx_s": "x_student", "dx_t": "x_teacher",
+                "dW": "weight", "db": "bias", "dz_t": "teacher_logits", "dz_s": "student_logits"}
+STUDENT_OUTPUTS = {"loss": None, "ce": None, "kd": None, "dz_s": "student_logits", "dz_t": "teacher_logits"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration. For student_loss only B, C and the logit options matter."""
+    B: int
+    C: int
+    n: int = 4
+    Dp: int = 16
+    Dt: int = 24
+    bias: bool = True
+    weight_fp32: bool = False      # weight (and bias) float32 while activations are 16-bit
+    teacher_grad: bool = False     # teacher_logits.requires_grad
+    offset: float = 0.0            # added to every teacher and student logit
+    confident: bool = False        # one logit per row +30 (p_y -> 1)
+    same: bool = False             # student_logits = teacher_logits
+    seed: int = 0
+
+    def label(self) -> str:
+        extras = [k for k in ("weight_fp32", "teacher_grad", "confident", "same") if getattr(self, k)]
+        extras += ["no-bias"] if not self.bias else []
+        extras += [f"offset={self.offset:g}"] if self.offset else []
+        return f"B={self.B} C={self.C} n={self.n} Dp={self.Dp} Dt={self.Dt}" + "".join(f" {e}" for e in extras)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> dict:
+    """Leaf tensors for hcd_head_loss (student_loss uses the logits and target), created in fp32 then cast."""
+    g = torch.Generator().manual_seed(case.seed)
+    B, C, n, D = case.B, case.C, case.n, case.Dp + case.Dt
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    zt = rand(B, C, scale=3.0)
+    zs = zt.clone() if case.same else rand(B, C, scale=3.0)
+    y = torch.randint(0, C, (B,), generator=g)
+    if case.confident:
+        rows = torch.arange(B)
+        zt[rows, y] += 30.0
+        zs[rows, y] += 30.0
+    zt += case.offset
+    zs += case.offset
+    wdtype = torch.float32 if case.weight_fp32 else dtype
+    inputs = {
+        "x_student": rand(B, case.Dp).to(dtype),
+        "x_teacher": rand(B, case.Dt).to(dtype),
+        "weight": rand(n * C, D, scale=D ** -0.5).to(wdtype),
+        "bias": rand(n * C, scale=0.1).to(wdtype) if case.bias else None,
+        "teacher_logits": zt.to(dtype),
+        "student_logits": zs.to(dtype),
+        "target": y,
+    }
+    out = {}
+    for name, t in inputs.items():
+        if t is None or name == "target":
+            out[name] = None if t is None else t.to(device)
+            continue
+        t = t.to(device)
+        out[name] = t.requires_grad_(name != "teacher_logits" or case.teacher_grad)
+    return out
+
+
+def as_float64(inputs: dict) -> dict:
+    """float64 leaf copies (same values, same requires_grad) for the reference run."""
+    out = {}
+    for name, t in inputs.items():
+        if t is None or not t.is_floating_point():
+            out[name] = t
+        else:
+            out[name] = t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+    return out
+
+
+def _fresh(inputs: dict) -> dict:
+    return {k: (t.detach().clone().requires_grad_(t.requires_grad) if t is not None and t.is_floating_point()
+                else t) for k, t in inputs.items()}
+
+
+def run_head(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
+    """Loss parts and gradients of grad_scale * total, keyed by HEAD_OUTPUTS labels (missing = no grad)."""
+    from kernels import hcd_head_loss
+    t = _fresh(inputs)
+    total, parts = hcd_head_loss(t["x_student"], t["x_teacher"], t["weight"], t["bias"], t["teacher_logits"],
+                                 t["student_logits"], t["target"], cfg, backend=backend)
+    (total * grad_scale).backward()
+    return _collect(HEAD_OUTPUTS, t, total, parts)
+
+
+def run_student(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
+    from kernels import student_loss
+    t = _fresh({k: inputs[k] for k in ("student_logits", "teacher_logits", "target")})
+    total, parts = student_loss(t["student_logits"], t["teacher_logits"], t["target"], cfg, backend=backend)
+    (total * grad_scale).backward()
+    return _collect(STUDENT_OUTPUTS, t, total, parts)
+
+
+def _collect(labels: dict, tensors: dict, total, parts) -> dict:
+    out = {"loss": total.detach()}
+    out.update({k: v.detach() for k, v in parts.items()})
+    for label, name in labels.items():
+        if name is not None and tensors.get(name) is not None and tensors[name].grad is not None:
+            out[label] = tensors[name].grad
+    return out
+
+
+@dataclass
+class Row:
+    output: str
+    max_abs: float
+    max_rel: float     # max_abs / max|ref|
+    tol: float
+    ok: bool
+
+
+def compare(ours: dict, eager: dict, ref: dict, dtype: torch.dtype) -> list:
+    """Apply the tolerance rule to every output present in ref; a missing or non-finite output fails."""
+    rows = []
+    for label, r in ref.items():
+        r = r.double().cpu()
+        scale = r.abs().max().item() if r.numel() else 0.0
+        base = (eager[label].double().cpu() - r).abs().max().item() if label in eager else 0.0
+        tol = base + MARGIN[dtype] * scale + 1e-12
+        if label not in ours or ours[label].shape != r.shape:
+            rows.append(Row(label, float("inf"), float("inf"), tol, False))
+            continue
+        o = ours[label].double().cpu()
+        err = (o - r).abs().max().item() if r.numel() else 0.0
+        ok = bool(torch.isfinite(o).all()) and err <= tol
+        rows.append(Row(label, err, err / scale if scale else err, tol, ok))
+    return rows
+
+
+def check_head(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cpu", backend="triton",
+               grad_scale: float = 1.0) -> list:
+    """Rows of the tolerance rule for hcd_head_loss on one case (cfg.n_sublogits is taken from the case)."""
+    cfg = replace(cfg, n_sublogits=case.n)
+    inputs = make_inputs(case, dtype, device)
+    ref = run_head(as_float64(inputs), cfg, "eager", grad_scale)
+    eager = run_head(inputs, cfg, "eager", grad_scale)
+    ours = run_head(inputs, cfg, backend, grad_scale)
+    return compare(ours, eager, ref, dtype)
+
+
+def check_student(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cpu", backend="triton",
+                  grad_scale: float = 1.0) -> list:
+    inputs = make_inputs(replace(case, n=1, Dp=1, Dt=1), dtype, device)
+    ref = run_student(as_float64(inputs), cfg, "eager", grad_scale)
+    eager = run_student(inputs, cfg, "eager", grad_scale)
+    ours = run_student(inputs, cfg, backend, grad_scale)
+    return compare(ours, eager, ref, dtype)
+
+
+def failures(rows: list) -> list:
+    return [r for r in rows if not r.ok]
+
+
+def format_rows(rows: list, prefix: Optional[str] = None) -> str:
+    lines = []
+    for r in rows:
+        mark = "ok" if r.ok else "FAIL"
+        lines.append(f"{prefix + '  ' if prefix else ''}{r.output:<5} max_abs={r.max_abs:.3e} "
+                     f"max_rel={r.max_rel:.3e} tol={r.tol:.3e} {mark}")
+    return "\n".join(lines)

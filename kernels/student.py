@@ -1,0 +1,131 @@
+"""Fused student loss: CE with label smoothing + KD (temperature T_kd, T_kd^2-scaled, batchmean).
+
+Launch plan (B rows of C classes, e = bytes per logit):
+  forward  1. _student_row_kernel, one program per row: both softmaxes, the two losses and d(total)/dz
+              for the student (and the teacher when it requires grad), all fp32; per-row loss partials.
+              FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B.
+           2. partials.sum(0): B*3 floats -> (ce, kd, total). No atomics, no host sync.
+  backward 3. one multiply of the saved fp32 gradients by grad_output, cast to the logits dtype on store
+              (torch.mul(..., out=...): one rounding). B*C*(4+e) bytes (x2 with teacher grad).
+float64 inputs run the float64 eager reference instead (a debugging dtype; the kernel is fp32-only).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+
+
+def row_num_warps(block: int) -> int:
+    """Warps per row program: enough threads that a row stays ~8 fp32 values per thread per vector."""
+    if block <= 1024:
+        return 4
+    if block <= 4096:
+        return 8
+    return 16
+
+
+@triton.jit
+def softmax_stats(x, mask):
+    """(m, e, s, log_s) of a masked fp32 row: m = max, e = exp(x - m) (0 off the mask), s = sum e.
+
+    log_s is computed as log1p of the sum WITHOUT the max element(s): in a confident row (p_max -> 1)
+    the other terms are each below half an ulp of 1, so adding them to the 1 loses them in whatever
+    order the reduction runs, and log(s) would round the loss -log p_max ~ 1e-7 to 0.
+    """
+    m = tl.max(tl.where(mask, x, -float("inf")), axis=0)
+    e = tl.exp(tl.where(mask, x - m, -float("inf")))
+    top = mask & (x == m)
+    rest = tl.sum(tl.where(top, 0.0, e), axis=0) + (tl.sum(top.to(tl.float32), axis=0) - 1.0)
+    u = 1.0 + rest
+    d = u - 1.0
+    log_s = tl.where(d == 0.0, rest, tl.log(u) * (rest / tl.where(d == 0.0, 1.0, d)))  # accurate log1p
+    return m, e, u, log_s
+
+
+@triton.jit
+def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
+                        B, C, eps, inv_T, T, w_ce, w_kd,
+                        TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * C must not overflow for large B*C
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    base = row * C
+    zs = tl.load(zs_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    zt = tl.load(zt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row)
+    # Out-of-range labels (unchecked on CUDA) never index memory: clamp, and NaN the row's CE below.
+    valid = (y >= 0) & (y < C)
+    is_y = offs == tl.minimum(tl.maximum(y, 0), C - 1)
+
+    # CE_eps: (1-eps)(lse - z_y) + eps * mean_c(lse - z_c); lse - z_c written as log(s) + (m - z_c) so
+    # a large common offset cancels exactly instead of through lse.
+    m, e, s, log_s = softmax_stats(zs, mask)
+    nll = log_s + (m - tl.sum(tl.where(is_y, zs, 0.0), axis=0))  # parenthesised: keep log_s
+    smooth = log_s + tl.sum(tl.where(mask, m - zs, 0.0), axis=0) / C
+    ce = (1.0 - eps) * nll + eps * smooth
+    ce = tl.where(valid, ce, float("nan"))
+    g_ce = (e / s - (1.0 - eps) * is_y.to(tl.float32) - eps / C) * tl.where(valid, w_ce, 0.0)
+
+    # KD: T^2 * sum p (log p - log q), p = softmax(zt/T) the target, q = softmax(zs/T) the learner.
+    a_s = zs * inv_T
+    a_t = zt * inv_T
+    m_s, e_s, s_s, log_s_s = softmax_stats(a_s, mask)
+    m_t, e_t, s_t, log_s_t = softmax_stats(a_t, mask)
+    log_ratio = (a_t - m_t) - (a_s - m_s) + (log_s_s - log_s_t)  # log p - log q, fp32
+    p = e_t / s_t
+    q = e_s / s_s
+    kl = tl.sum(tl.where(mask, p * log_ratio, 0.0), axis=0)
+    kd = T * T * kl
+
+    # d(T^2 KL)/dz_s = T (q - p); d/dz_t = T p (log p - log q - KL). w_* already hold weight / B.
+    g_s = g_ce + (w_kd * T) * (q - p)
+    tl.store(dz_ptr + base + offs, g_s, mask=mask)
+    if TEACHER_GRAD:
+        g_t = (w_kd * T) * p * (log_ratio - kl)
+        tl.store(dz_ptr + B * C + base + offs, g_t, mask=mask)
+
+    inv_B = 1.0 / B
+    tl.store(loss_ptr + row * 3 + 0, ce * inv_B)
+    tl.store(loss_ptr + row * 3 + 1, kd * inv_B)
+    tl.store(loss_ptr + row * 3 + 2, w_ce * ce + w_kd * kd)
+
+
+class _StudentLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, target, cfg):
+        zs, zt, y = student_logits.contiguous(), teacher_logits.contiguous(), target.contiguous()
+        B, C = zs.shape
+        teacher_grad = ctx.needs_input_grad[1]
+        # fp32 gradient buffer: [0] student, [1] teacher; scaled by grad_output and rounded once in backward.
+        dz = torch.empty((2 if teacher_grad else 1, B, C), dtype=torch.float32, device=zs.device)
+        partials = torch.empty((B, 3), dtype=torch.float32, device=zs.device)
+        block = triton.next_power_of_2(C)
+        _student_row_kernel[(B,)](
+            zs, zt, y, dz, partials, B, C,
+            float(cfg.label_smoothing), 1.0 / cfg.kd_temperature, float(cfg.kd_temperature),
+            cfg.ce_weight / B, cfg.kd_weight / B,
+            TEACHER_GRAD=teacher_grad, BLOCK=block, num_warps=row_num_warps(block))
+        ctx.save_for_backward(dz)
+        ctx.dtype = zs.dtype
+        return partials.sum(0)  # (ce, kd, total)
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        (dz,) = ctx.saved_tensors
+        # Only `total` (index 2) carries gradient; ce/kd are handed out detached. Always multiply on
+        # device: testing grad_output == 1 would need a host sync.
+        g = grad_sums[2]
+        out = torch.empty(dz.shape, dtype=ctx.dtype, device=dz.device)
+        torch.mul(dz, g, out=out)
+        d_student = out[0] if ctx.needs_input_grad[0] else None
+        d_teacher = out[1] if ctx.needs_input_grad[1] else None
+        return d_student, d_teacher, None, None
+
+
+def student_loss_triton(student_logits, teacher_logits, target, cfg):
+    """(total, ce, kd): total = ce_weight*ce + kd_weight*kd; ce and kd are detached 0-dim tensors."""
+    if student_logits.dtype == torch.float64 or student_logits.shape[0] == 0:
+        return reference.student_loss_eager(student_logits, teacher_logits, target, cfg)
+    sums = _StudentLoss.apply(student_logits, teacher_logits, target, cfg)
+    return sums[2], sums[0].detach(), sums[1].detach()
