@@ -2,14 +2,16 @@
 
 CUDA: CIFAR (B=128, C=100) and ImageNet (B=256, C=1000) shapes, n in {2, 4, 8}, fp32/bf16/fp16, modes
 forward/backward/full. CPU: small shapes, eager and compile only (the interpreter is not a speed).
-    python -m pytest bench/bench_kernels.py --benchmark-only --benchmark-group-by=param:case
+Inputs and references come from the tests (tests/kernels/helpers.py), so benchmark and test never diverge.
+    python -m pytest bench/bench_kernels.py --benchmark-only
 """
 import pytest
 import torch
 
-from engine.bench import (CPU_SHAPES, GPU_SHAPES, MODES, DTYPES, grad_tensors, head_loss_fn, make_head_inputs,
+from engine.bench import (CPU_SHAPES, DTYPES, GPU_SHAPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
                           mode_fn, student_loss_fn)
 from kernels import HCDLossConfig
+from tests.kernels.helpers import make_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -34,19 +36,17 @@ def _run(benchmark, fn, grads):
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}-C{s.C}-n{s.n}-Dp{s.Dp}-Dt{s.Dt}")
 def test_head(benchmark, shape, dtype, mode, backend):
-    inp = make_head_inputs(shape, DTYPES[dtype], DEVICE)
+    inp = make_inputs(shape, DTYPES[dtype], DEVICE)
     grads = grad_tensors(inp)
-    benchmark.group = f"head {shape} {dtype} {mode}"
-    benchmark.extra_info.update(case=f"{shape}-{dtype}-{mode}", backend=backend)
+    benchmark.group = f"head B{shape.B} C{shape.C} n{shape.n} {dtype} {mode}"
     _run(benchmark, mode_fn(head_loss_fn(inp, HCDLossConfig(n_sublogits=shape.n), backend), mode, grads), grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("BC", [(128, 100), (256, 1000)], ids=lambda bc: f"B{bc[0]}-C{bc[1]}")
-def test_student(benchmark, BC, dtype, backend):
-    from engine.bench import HeadShape
-    inp = make_head_inputs(HeadShape(BC[0], BC[1], 1, 1, 1), DTYPES[dtype], DEVICE)
+@pytest.mark.parametrize("shape", STUDENT_SHAPES, ids=lambda s: f"B{s.B}-C{s.C}")
+def test_student(benchmark, shape, dtype, backend):
+    inp = make_inputs(shape, DTYPES[dtype], DEVICE)
     grads = grad_tensors(inp)
-    benchmark.group = f"student B{BC[0]} C{BC[1]} {dtype} full"
+    benchmark.group = f"student B{shape.B} C{shape.C} {dtype} full"
     _run(benchmark, mode_fn(student_loss_fn(inp, HCDLossConfig(), backend), "full", grads), grads)

@@ -12,13 +12,13 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from kernels.compare import Case, make_inputs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "backward", "full")
@@ -31,38 +31,16 @@ ROOFLINES = {
 }
 
 
-@dataclass(frozen=True)
-class HeadShape:
-    B: int
-    C: int
-    n: int
-    Dp: int
-    Dt: int
-
-
 # CIFAR-100: Swin-T (Dt 768) -> ResNet18 (Ds 512): Dp 768. ImageNet: Swin-T -> ResNet18 at B 256 per GPU.
-GPU_SHAPES = [HeadShape(128, 100, n, 768, 768) for n in (2, 4, 8)] + \
-             [HeadShape(256, 1000, n, 768, 768) for n in (2, 4, 8)]
-CPU_SHAPES = [HeadShape(64, 100, 4, 256, 192), HeadShape(128, 100, 4, 768, 768)]
-INTERPRETER_SHAPE = HeadShape(16, 10, 2, 32, 24)
+# Inputs come from kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
+GPU_SHAPES = [Case(128, 100, n, 768, 768) for n in (2, 4, 8)] + [Case(256, 1000, n, 768, 768) for n in (2, 4, 8)]
+CPU_SHAPES = [Case(64, 100, 4, 256, 192), Case(128, 100, 4, 768, 768)]
+INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
+STUDENT_SHAPES = [Case(128, 100, 1, 1, 1), Case(256, 1000, 1, 1, 1)]
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-def make_head_inputs(shape: HeadShape, dtype, device, seed=0, requires_grad=True) -> dict:
-    """Random inputs of a realistic scale (projector features ~N(0,1), logits of a trained net)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    B, C, n, Dp, Dt = shape.B, shape.C, shape.n, shape.Dp, shape.Dt
-
-    def r(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
-    inp = dict(x_student=r(B, Dp), x_teacher=r(B, Dt), weight=r(n * C, Dp + Dt, scale=(Dp + Dt) ** -0.5),
-               bias=r(n * C, scale=0.1), teacher_logits=r(B, C, scale=3.0), student_logits=r(B, C, scale=3.0),
-               target=torch.randint(0, C, (B,), generator=g).to(device))
-    if requires_grad:
-        for k in ("x_student", "x_teacher", "weight", "bias", "student_logits"):
-            inp[k].requires_grad_(True)
-    return inp
+def shape_dict(case: Case) -> dict:
+    return {"B": case.B, "C": case.C, "n": case.n, "Dp": case.Dp, "Dt": case.Dt}
 
 
 def head_loss_fn(inp: dict, cfg: HCDLossConfig, backend: str) -> Callable[[], torch.Tensor]:
@@ -93,7 +71,7 @@ def _mode_cost(launches: dict, mode: str):
     return sum(f for f, _ in picked), sum(b for _, b in picked)
 
 
-def head_cost(shape: HeadShape, dtype_bytes: int, mode: str):
+def head_cost(shape: Case, dtype_bytes: int, mode: str):
     """(FLOP, bytes) of one stage's head in `mode`, from the fused launch plan's own model."""
     from kernels.hcd_head import head_flops_bytes
     return _mode_cost(head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes), mode)
@@ -162,12 +140,12 @@ def _backends(device, interpreter_ok):
     return names
 
 
-def bench_kernel_row(kind: str, shape: HeadShape, dtype_name: str, mode: str, device, quick=False,
+def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, quick=False,
                      backends=None) -> dict:
     """One table row: medians per backend, achieved TFLOP/s and GB/s of the fused path, peak memory."""
     cfg = HCDLossConfig(n_sublogits=shape.n)
     dtype = DTYPES[dtype_name]
-    inp = make_head_inputs(shape, dtype, device)
+    inp = make_inputs(shape, dtype, device)
     make = head_loss_fn if kind == "head" else student_loss_fn
     grads = grad_tensors(inp)
     ms, mem = {}, {}
@@ -182,7 +160,7 @@ def bench_kernel_row(kind: str, shape: HeadShape, dtype_name: str, mode: str, de
     flops, nbytes_moved = (head_cost(shape, nbytes, mode) if kind == "head"
                            else student_cost(shape.B, shape.C, nbytes, mode))
     fused = ms.get("triton")
-    row = {"kernel": kind, "shape": asdict(shape), "dtype": dtype_name, "mode": mode,
+    row = {"kernel": kind, "shape": shape_dict(shape), "dtype": dtype_name, "mode": mode,
            "eager_ms": ms.get("eager"), "compile_ms": ms.get("compile"), "fused_ms": fused,
            "fused_tflops": flops / (fused * 1e-3) / 1e12 if fused and not interp else None,
            "fused_gbps": nbytes_moved / (fused * 1e-3) / 1e9 if fused and not interp else None,
@@ -269,15 +247,15 @@ def kernel_plan(device, quick):
             for dt in dtypes:
                 for mode in MODES:
                     plan.append(("head", shape, dt, mode, None))
-        for B, C in ((128, 100), (256, 1000)):
+        for shape in STUDENT_SHAPES:
             for dt in dtypes:
-                plan.append(("student", HeadShape(B, C, 1, 1, 1), dt, "full", None))
+                plan.append(("student", shape, dt, "full", None))
         return plan
     shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
     for shape in shapes:
         for mode in (("full",) if quick else MODES):
             plan.append(("head", shape, "fp32", mode, ["eager", "compile"]))
-    plan.append(("student", HeadShape(256, 1000, 1, 1, 1), "fp32", "full", ["eager", "compile"]))
+    plan.append(("student", STUDENT_SHAPES[-1], "fp32", "full", ["eager", "compile"]))
     if os.environ.get("TRITON_INTERPRET") == "1":
         plan.append(("head", INTERPRETER_SHAPE, "fp32", "full", ["eager", "triton"]))
     return plan
@@ -306,16 +284,14 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     if step:
         print(format_step_table(step))
     if loads:
-        print("\n".join(f"loader {r['loader']:6} {r['images_per_s']:.0f} img/s" for r in loads))
+        print("\n".join(f"loader {r['loader']:6} {r['split']:5} {r['images_per_s']:7.0f} img/s "
+                        f"({r['workers']} workers)" for r in loads))
     print(f"wrote {out / name}")
     return 0
 
 
 def loader_rows(quick) -> List[dict]:
-    try:
-        from engine.data.bench import loader_rows as rows
-    except ModuleNotFoundError:
-        return []
+    from engine.loader_bench import loader_rows as rows
     return rows(quick=quick)
 
 
