@@ -78,7 +78,7 @@ def head_cost(shape: Case, dtype_bytes: int, mode: str):
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
-    from kernels.hcd_head import student_flops_bytes
+    from kernels.student import student_flops_bytes
     return _mode_cost(student_flops_bytes(B, C, dtype_bytes), mode)
 
 
@@ -149,6 +149,7 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     make = head_loss_fn if kind == "head" else student_loss_fn
     grads = grad_tensors(inp)
     ms, mem = {}, {}
+    torch._dynamo.reset()  # one compiled graph per row: past dynamo's recompile limit it would run eagerly
     for backend in backends or _backends(device, False):
         fn = mode_fn(make(inp, cfg, backend), mode, grads)
         ms[backend] = time_ms(fn, device, grad_to_none=grads, quick=quick)
@@ -182,12 +183,13 @@ def bench_step_rows(device, quick=False) -> List[dict]:
 # ------------------------------------------------------------------------------------------------ report
 
 def versions() -> dict:
+    from importlib import metadata
     v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "timm", "deepspeed"):
+    for dist in ("triton", "timm", "deepspeed", "nvidia-dali-cuda120"):  # metadata only: imports nothing
         try:
-            v[mod] = __import__(mod).__version__
-        except Exception:
-            v[mod] = None
+            v[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            v[dist] = None
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
     return v
@@ -263,9 +265,11 @@ def kernel_plan(device, quick):
 
 def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
               steps: bool = True, loader: bool = True) -> int:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    from engine.verify import resolve_device
+    name = resolve_device(device, "bench")
+    if name is None:
+        return 2
+    dev = torch.device(name)
     from tqdm import tqdm
     plan = kernel_plan(dev, quick)
     rows = [bench_kernel_row(kind, shape, dt, mode, dev, quick, backends)

@@ -8,10 +8,6 @@ import argparse
 import sys
 
 
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
 def _train(args):
     from engine.config import load_config
     cfg = load_config(args.config, tuple(args.set or ()))

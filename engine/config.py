@@ -140,6 +140,11 @@ def _coerce(path: str, tp, value: Any):
             raise ConfigError(f"{path}: expected a mapping of fields, got {type(value).__name__}")
         return _build(tp, value, path)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

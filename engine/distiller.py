@@ -79,11 +79,15 @@ class HCDDistiller(nn.Module):
     """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput."""
 
     def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg: HCDLossConfig,
-                 stages: Sequence[int] = (1, 2, 3, 4), cfm_hidden: Optional[int] = None, backend: str = "auto"):
+                 stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto"):
         super().__init__()
+        # The student returns features for its own stages, in order: a different list here would put
+        # stage-3 features into a stage-1 projector and log them under the wrong name.
+        if stages is not None and list(stages) != list(student.stages):
+            raise ValueError(f"head.stages: {list(stages)} differ from the student's stages {student.stages}")
         self.student = student
         self.loss_cfg = loss_cfg
-        self.stages = list(stages)
+        self.stages = list(student.stages)
         self.backend = backend
         d_p = max(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.data.build import dali_available  # noqa: F401  (re-exported for bench/)
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -32,14 +34,6 @@ def make_photo_folder(root, n_per_class=64, classes=4, seed=0) -> Path:
                 w, h = int(rng.integers(300, 500)), int(rng.integers(250, 450))
                 _photo_like(rng, w, h).save(root / split / f"c{c}" / f"{i:03d}.jpg", quality=90)
     return root
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_pass(folder, backend, split, workers, batch_size=32, img_size=224):

@@ -21,15 +21,15 @@ SHAPES = [
 ]
 
 
-def _device(device):
-    """The device to check, or None after printing why the argument is unusable (exit code 2)."""
+def resolve_device(device, command="verify"):
+    """The device to use, or None after printing why the argument is unusable (the caller exits 2)."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
-        print(f"hcd verify: error: --device {device!r} is not cpu or cuda", file=sys.stderr)
+        print(f"hcd {command}: error: --device {device!r} is not cpu or cuda", file=sys.stderr)
         return None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print("hcd verify: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        print(f"hcd {command}: error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return None
     return device
 
@@ -43,7 +43,7 @@ def _reexec(device, quick, interpret):
 
 
 def run_verify(device=None, quick=False) -> int:
-    device = _device(device)
+    device = resolve_device(device)
     if device is None:
         return 2
     # CPU needs the interpreter; CUDA must not use it (it would run bf16 dots wrongly, and slowly).

@@ -41,13 +41,15 @@ class Case:
     bias: bool = True
     weight_fp32: bool = False      # weight (and bias) float32 while activations are 16-bit
     teacher_grad: bool = False     # teacher_logits.requires_grad
+    frozen_teacher_feature: bool = False  # x_teacher without grad, as in training (the teacher is frozen)
     offset: float = 0.0            # added to every teacher and student logit
     confident: bool = False        # one logit per row +30 (p_y -> 1)
     same: bool = False             # student_logits = teacher_logits
     seed: int = 0
 
     def label(self) -> str:
-        extras = [k for k in ("weight_fp32", "teacher_grad", "confident", "same") if getattr(self, k)]
+        extras = [k for k in ("weight_fp32", "teacher_grad", "frozen_teacher_feature", "confident", "same")
+                  if getattr(self, k)]
         extras += ["no-bias"] if not self.bias else []
         extras += [f"offset={self.offset:g}"] if self.offset else []
         return f"B={self.B} C={self.C} n={self.n} Dp={self.Dp} Dt={self.Dt}" + "".join(f" {e}" for e in extras)
@@ -86,7 +88,9 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> dict:
             out[name] = None if t is None else t.to(device)
             continue
         t = t.to(device)
-        out[name] = t.requires_grad_(name != "teacher_logits" or case.teacher_grad)
+        frozen = (name == "teacher_logits" and not case.teacher_grad) or \
+                 (name == "x_teacher" and case.frozen_teacher_feature)
+        out[name] = t.requires_grad_(not frozen)
     return out
 
 
@@ -148,7 +152,7 @@ def compare(ours: dict, eager: dict, ref: dict, dtype: torch.dtype) -> list:
     for label, r in ref.items():
         r = r.double().cpu()
         scale = r.abs().max().item() if r.numel() else 0.0
-        base = (eager[label].double().cpu() - r).abs().max().item() if label in eager else 0.0
+        base = (eager[label].double().cpu() - r).abs().max().item() if label in eager and r.numel() else 0.0
         tol = base + MARGIN[dtype] * scale + 1e-12
         if label not in ours or ours[label].shape != r.shape:
             rows.append(Row(label, float("inf"), float("inf"), tol, False))

@@ -19,7 +19,8 @@ class HCDLossConfig:
 
     def __post_init__(self):
         checks = {
-            "n_sublogits": (self.n_sublogits >= 1 and int(self.n_sublogits) == self.n_sublogits, "an integer >= 1"),
+            "n_sublogits": (isinstance(self.n_sublogits, int) and not isinstance(self.n_sublogits, bool)
+                            and self.n_sublogits >= 1, "an integer >= 1"),
             "temperature": (self.temperature > 0, "> 0"),
             "kd_temperature": (self.kd_temperature > 0, "> 0"),
             "label_smoothing": (0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),

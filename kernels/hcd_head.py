@@ -15,7 +15,8 @@ Launch plan (B rows, C classes, n sub-logits, N = n*C, D = Dp + Dt, e = activati
     3. partials.sum(0)  (B, 4) -> (ce, kl, ol, total).  16*B bytes.  No atomics, no host sync.
   backward (quack's deferral: dZ is saved, so the grad_output scale rides in the GEMM epilogues, a frozen
             weight costs nothing and a forward without backward never pays for the GEMMs)
-    4. _gemm_kernel     dX = g * dZ W -> one (B, D) buffer; dx_s, dx_t are its two column views.
+    4. _gemm_kernel     dX = g * dZ W -> one (B, D) buffer, dx_s and dx_t its column views ((B, Dp) when
+                        x_t is frozen, as in training: the teacher half of W is then never read).
                         2*B*N*D FLOPs, B*N*e + N*D*w + B*D*e bytes.        (only if x_s or x_t need grad)
     5. _gemm_kernel     dW = g * dZ^T [x_s | x_t] (the two column ranges picked per tile) with fp32
                         accumulation, db = g * colsum(dZ) from the same tiles.   2*N*B*D FLOPs,
@@ -72,16 +73,6 @@ def head_flops_bytes(B, C, n, Dp, Dt, dtype_bytes, weight_bytes=None, bias=True)
     return launches
 
 
-def student_flops_bytes(B, C, dtype_bytes):
-    """Same for the fused student loss (kernels/student.py)."""
-    e = dtype_bytes
-    launches = {"row": (25 * B * C, 2 * B * C * e + 8 * B + 4 * B * C + 12 * B),
-                "loss_sum": (3 * B, 12 * B + 12),
-                "dz_scale": (B * C, B * C * (4 + e))}
-    launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
-    return launches
-
-
 # ---------------------------------------------------------------------------------------------------
 # GEMM: C[M, N1+N2] = scale * (A1 B1 (+ A2 B2 over a second K range)) (+ bias), fp32 accumulation.
 # K split (forward Z): A = [x_s | x_t] along K, B1/B2 = the matching column blocks of W^T.
@@ -108,7 +99,7 @@ def _accumulate(acc, a_ptr, b_ptr, rm, rn, M, N, K, sam, sak, sbk, sbn, colsum,
 
 @triton.jit
 def _gemm_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, c_ptr, bias_ptr, scale_ptr, colsum_ptr,
-                 M, N1, N2, K1, K2,
+                 M, N1, N2, K1, K2, alpha,
                  sa1m, sa1k, sa2m, sa2k, sb1k, sb1n, sb2k, sb2n, scm, scn,
                  SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                  COLSUM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -135,8 +126,8 @@ def _gemm_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, c_ptr, bias_ptr, scale_ptr, col
                                       DOT_DTYPE, PRECISION, False, BM, BN, BK)
         out_n = rn
         n_ok = rn < N1
-    if HAS_SCALE:  # grad_output, read on device (no host sync)
-        s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_SCALE:  # alpha * grad_output, the latter read on device (no host sync)
+        s = tl.load(scale_ptr).to(tl.float32) * alpha
         acc = acc * s
         colsum = colsum * s
     if HAS_BIAS:
@@ -151,9 +142,9 @@ def _gemm_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, c_ptr, bias_ptr, scale_ptr, col
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None, colsum=None,
+def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None, alpha=1.0, colsum=None,
           dot_dtype=torch.float32):
-    """out = scale * (a1 @ b1 [+ a2 @ b2]) + bias, or with split_n: out = [a1 @ b1 | a1 @ b2].
+    """out = alpha * scale * (a1 @ b1 [+ a2 @ b2]) + bias, or with split_n: out = [a1 @ b1 | a1 @ b2].
 
     Operands are 2-D views with any strides (transposes are free). colsum receives scale * a1.sum(1).
     """
@@ -171,7 +162,7 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
         a2 = a2 if a2 is not None else a1
         b2 = b2 if b2 is not None else b1
     if dot_dtype == torch.float32:
-        precision = "tf32" if (out.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+        precision = "tf32" if (out.is_cuda and _tf32_allowed()) else "ieee"
     else:
         precision = "tf32"  # ignored for 16-bit operands
     BM, BN, BK, warps = _tile(M, N1, N2, dot_dtype)
@@ -180,12 +171,25 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
     _gemm_kernel[grid](
         a1, a2, b1, b2, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
         colsum if colsum is not None else dummy,
-        M, N1, N2, K1, K2,
+        M, N1, N2, K1, K2, float(alpha),
         a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
         SPLIT_N=split_n, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, COLSUM=colsum is not None,
         DOT_DTYPE=_TL_DTYPE[dot_dtype], PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=3)
     return out
+
+
+def _tf32_allowed() -> bool:
+    """torch.mm's own fp32 setting. Newer torch has fp32_precision ("tf32" | "ieee" | "none"), and reading the
+    legacy allow_tf32 flag raises once someone has set the new one; older torch has only allow_tf32."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 # (BM, BN, BK, warps), largest first. No autotuning: its first-call benchmarking would run inside a
@@ -223,10 +227,12 @@ def _pick(vec, idx, j):
 @triton.jit
 def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
                      B, C, n, alpha_s, alpha_t, eps, inv_T, T, theta,
-                     w_ce, w_kl, w_ol, ce_weight, kl_weight, ol_weight, inv_bn, inv_b_pairs,
+                     w_ce, w_kl, w_ol, ce_weight, kl_weight, ol_weight, inv_bn, inv_b_pairs, inv_B,
                      KL_TARGET_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, WRITE_DZ: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    # w_ce = ce_weight/(B n), w_kl = kl_weight/(B n), w_ol = ol_weight/(B n (n-1)) (0 when n = 1);
+    # w_ce = ce_weight/n, w_kl = kl_weight/n, w_ol = ol_weight/(n (n-1)) (0 when n = 1): per-SAMPLE weights.
+    # dZ is stored B times the true gradient (1/B rides in the backward GEMMs' scale), so a 16-bit dZ is not
+    # pushed into fp16's subnormal range at large B; the fp32 logits gradients take inv_B = 1/B here.
     # inv_bn = 1/(B n), inv_b_pairs = 1/(B max(n (n-1), 1)): the batch-means as per-row factors.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -327,9 +333,9 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
             sum_g += g
 
     # student logits: the learner side of the n KLs, d/dz_s = T (n q - sum_j p_j) w_kl
-    tl.store(dzl_ptr + lrow + offs, (w_kl * T) * (n * q - sum_p), mask=mask)
+    tl.store(dzl_ptr + lrow + offs, (w_kl * T * inv_B) * (n * q - sum_p), mask=mask)
     if TEACHER_GRAD:
-        tl.store(dzl_ptr + B * C + lrow + offs, alpha_t * sum_g, mask=mask)
+        tl.store(dzl_ptr + B * C + lrow + offs, (alpha_t * inv_B) * sum_g, mask=mask)
 
     ce_row = tl.where(valid, tl.sum(ce_v, axis=0), float("nan"))
     kl_row = T * T * tl.sum(kl_v, axis=0)
@@ -369,10 +375,10 @@ class _HCDHead(torch.autograd.Function):
             z, z_t, z_s, target, dz, dzl, partials,
             B, C, n, float(cfg.student_scale), float(cfg.teacher_scale), float(cfg.label_smoothing),
             1.0 / cfg.temperature, float(cfg.temperature), float(cfg.ol_threshold),
-            cfg.ce_weight / (B * n), cfg.sublogit_kl_weight / (B * n),
-            cfg.ol_weight / (B * n * (n - 1)) if n > 1 else 0.0,
+            cfg.ce_weight / n, cfg.sublogit_kl_weight / n,
+            cfg.ol_weight / (n * (n - 1)) if n > 1 else 0.0,
             float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
-            1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)),
+            1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
             KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=bool(need[4]), WRITE_DZ=need_dz,
             BLOCK_C=block_c, BLOCK_N=max(triton.next_power_of_2(n), 2), num_warps=row_num_warps(2 * block_c))
 
@@ -388,17 +394,19 @@ class _HCDHead(torch.autograd.Function):
         g = grad_sums[3:4]  # d out / d total, on device; ce/kl/ol were handed out detached
         act, Dp = ctx.act, x_s.shape[1]
         dx_s = dx_t = dw = db = dzt = dzs = None
-        if need[0] or need[1]:  # 4. dX = g dZ W, both column ranges in one launch
-            dx = torch.empty((x_s.shape[0], weight.shape[1]), dtype=act, device=x_s.device)
-            _gemm(dx, dz, weight, scale=g, dot_dtype=act)
+        inv_b = 1.0 / x_s.shape[0]  # dZ was stored per sample (see the row kernel)
+        if need[0] or need[1]:  # 4. dX = g dZ W; both column ranges in one launch only when both are wanted
+            cols = slice(0, weight.shape[1]) if need[1] else slice(0, Dp)  # x_teacher is frozen in training
+            dx = torch.empty((x_s.shape[0], cols.stop), dtype=act, device=x_s.device)
+            _gemm(dx, dz, weight[:, cols], scale=g, alpha=inv_b, dot_dtype=act)
             dx_s = dx[:, :Dp] if need[0] else None
             dx_t = dx[:, Dp:] if need[1] else None
         if need[2]:  # 5. dW = g dZ^T [x_s | x_t] (+ db from the same tiles)
             dw = torch.empty_like(weight)
             db = torch.empty((weight.shape[0],), dtype=ctx.bias_dtype, device=dz.device) if need[3] else None
-            _gemm(dw, dz.t(), x_s, b2=x_t, split_n=True, scale=g, colsum=db, dot_dtype=act)
+            _gemm(dw, dz.t(), x_s, b2=x_t, split_n=True, scale=g, alpha=inv_b, colsum=db, dot_dtype=act)
         elif need[3]:  # trainable bias with a frozen weight: no GEMM needed
-            db = (dz.float().sum(0) * g).to(ctx.bias_dtype)
+            db = (dz.float().sum(0) * (g * inv_b)).to(ctx.bias_dtype)
         if need[4] or need[5]:  # 6. logits gradients, scaled and rounded once
             out = torch.empty(dzl.shape, dtype=act, device=dzl.device)
             torch.mul(dzl, g, out=out)

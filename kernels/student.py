@@ -129,3 +129,13 @@ def student_loss_triton(student_logits, teacher_logits, target, cfg):
         return reference.student_loss_eager(student_logits, teacher_logits, target, cfg)
     sums = _StudentLoss.apply(student_logits, teacher_logits, target, cfg)
     return sums[2], sums[0].detach(), sums[1].detach()
+
+
+def student_flops_bytes(B, C, dtype_bytes):
+    """Same for the fused student loss (kernels/student.py)."""
+    e = dtype_bytes
+    launches = {"row": (25 * B * C, 2 * B * C * e + 8 * B + 4 * B * C + 12 * B),
+                "loss_sum": (3 * B, 12 * B + 12),
+                "dz_scale": (B * C, B * C * (4 + e))}
+    launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
+    return launches

@@ -69,6 +69,13 @@ def test_unsupported_students_fail_at_construction(name, field):
         build_student(name, 10, [1, 2, 3, 4])
 
 
+def test_distiller_refuses_stages_the_student_does_not_return():
+    t, s = _pair(stages=(3, 4))
+    with pytest.raises(ValueError, match="^head.stages"):
+        HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(), stages=(1, 2, 3, 4))
+    assert HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(), stages=None).stages == [3, 4]
+
+
 def test_unsupported_teacher_fails_naming_the_family():
     with pytest.raises(ModelError, match="byobnet"):
         build_teacher("bat_resnext26ts", 10)

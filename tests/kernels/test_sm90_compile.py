@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = {"alpha_s", "alpha_t", "eps", "inv_T", "T", "theta", "w_ce", "w_kl", "w_ol", "w_kd", "ce_weight",
-          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs"}
+          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs", "inv_B", "alpha"}
 
 
 def compile_all():

@@ -30,8 +30,13 @@ HEAD_CASES = {
     "offset+1e3-tgrad": (Case(B=6, C=50, n=2, offset=1e3, teacher_grad=True), HCDLossConfig(temperature=2.0)),
     "offset-1e3-scales": (Case(B=6, C=50, n=3, offset=-1e3),
                           HCDLossConfig(student_scale=0.5, teacher_scale=2.0, label_smoothing=0.0)),
+    # training's usual case: the teacher feature is frozen, so dX covers only the student columns of W
+    "frozen-teacher-feature": (Case(B=7, C=37, n=3, frozen_teacher_feature=True), HCDLossConfig()),
+    # the cfm_hidden variant: the last Linear sees the hidden layer only, x_teacher is (B, 0)
+    "hidden-Dt0": (Case(B=6, C=29, n=2, Dp=24, Dt=0), HCDLossConfig()),
 }
-FP16_CASES = ["odd-n3", "n2-T2-theta0-tgrad", "n4-T4-detach-confident", "offset+1e3-tgrad"]
+FP16_CASES = ["odd-n3", "n2-T2-theta0-tgrad", "n4-T4-detach-confident", "offset+1e3-tgrad",
+              "frozen-teacher-feature"]
 
 
 @pytest.mark.parametrize("name", list(HEAD_CASES))
@@ -49,6 +54,13 @@ def test_head_fp16(name):
 def test_head_fp16_float32_weight():
     case = Case(B=9, C=37, n=3, Dp=20, Dt=12, weight_fp32=True, teacher_grad=True)
     assert_rows_ok(check_head(case, HCDLossConfig(), torch.float16, DEVICE, grad_scale=2.5), "weight fp32")
+
+
+def test_head_fp16_large_batch():
+    # dZ is stored per sample (1/B rides in the GEMM scale): at large B a batch-mean dZ would sit in fp16's
+    # subnormal range and lose bits; this case would show it in dx/dW against the float64 reference.
+    case = Case(B=384, C=11, n=2, Dp=8, Dt=6, frozen_teacher_feature=True)
+    assert_rows_ok(check_head(case, HCDLossConfig(), torch.float16, DEVICE, grad_scale=2.5), "B=384 fp16")
 
 
 @needs_cuda
@@ -143,7 +155,8 @@ def test_out_of_range_label_gives_nan_not_a_crash():
 
 
 def test_flop_byte_model():
-    from kernels.hcd_head import head_flops_bytes, student_flops_bytes
+    from kernels.hcd_head import head_flops_bytes
+    from kernels.student import student_flops_bytes
     fb = head_flops_bytes(256, 1000, 4, 768, 768, 2, weight_bytes=4)
     assert fb["z_gemm"][0] == 2 * 256 * 4000 * 1536
     assert fb["total"][0] == sum(v[0] for k, v in fb.items() if k != "total")
