@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--out", help="run folder (default: the config's `out`)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from LOCAL_RANK, so it is ignored.
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or exported student on the config's val split")
