@@ -88,10 +88,11 @@ def setup_distributed() -> Dist:
 
 
 def teardown_distributed(d: Dist) -> None:
-    if d.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for k in d.env_set:
-        os.environ.pop(k, None)
+    """Nothing to undo per call: DeepSpeed caches its process groups module-wide, so a group we created
+    stays up for later calls in the same process (tests, `hcd demo`) and is destroyed at exit."""
+    if d.owns_group:
+        import atexit
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -118,6 +119,31 @@ def build_models(cfg: Config, device):
     distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.stages,
                              cfg.head.cfm_hidden, cfg.head.backend)
     return teacher, distiller, mean, std
+
+
+class EngineModule(torch.nn.Module):
+    """What DeepSpeed wraps: the distiller, returning a plain tuple (loss, logits, parts) that ZeRO-3's
+    hooks can see into, with the CFMs' output Linears (used by the fused loss, not called as modules)
+    registered as external parameters so ZeRO-3 gathers them for forward and backward."""
+
+    def __init__(self, distiller):
+        super().__init__()
+        self.distiller = distiller
+
+    @property
+    def student(self):
+        return self.distiller.student
+
+    def register_zero3_external(self):
+        import deepspeed
+        register_external_parameter = deepspeed.zero.register_external_parameter
+        for cfm in self.distiller.cfms:
+            for p in cfm.out.parameters():
+                register_external_parameter(self, p)
+
+    def forward(self, images, target, f_t, z_t):
+        out = self.distiller(images, target, f_t, z_t)
+        return out.loss, out.logits, out.parts
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -182,6 +208,20 @@ def evaluate(forward, loader, device) -> tuple:
         dist.all_reduce(counts)
     c1, c5, n = counts.tolist()
     return accuracy(c1, n), accuracy(c5, n), int(n)
+
+
+def _input_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed left the student's weights in (bf16/fp16 when it converted the module)."""
+    return next(engine.module.student.parameters()).dtype
+
+
+def _match_buffers_on_cpu(engine, dtype):
+    """DeepSpeed converts parameters to bf16/fp16 but not buffers; CUDA batch_norm accepts fp32 running
+    statistics with half inputs, the CPU kernel does not, so on CPU the buffers follow the parameters."""
+    if dtype != torch.float32 and next(engine.module.parameters()).device.type == "cpu":
+        for b in engine.module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(dtype)
 
 
 def _student_forward(engine, dtype):
@@ -297,10 +337,14 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
 
     from engine.schedule import make_lr_lambda
     lr_lambda = make_lr_lambda(cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch)
+    module = EngineModule(distiller)
     engine, _, _, _ = deepspeed.initialize(
-        model=distiller, optimizer=build_optimizer(cfg, distiller), config=ds_config,
+        model=module, optimizer=build_optimizer(cfg, module), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    if cfg.deepspeed.zero_stage == 3:
+        module.register_zero3_external()
+    dtype = _input_dtype(engine)
+    _match_buffers_on_cpu(engine, dtype)
 
     # Per-rank randomness (data order is derived from the seed by the loaders themselves).
     seed = cfg.seed + d.rank
@@ -361,8 +405,8 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
             for images, labels in train_loader:
                 state["batch"] += 1
                 f_t, z_t = teacher(images)
-                out = engine(images.to(dtype), labels, f_t, z_t)
-                loss = out.loss.float()
+                loss_t, _, parts = engine(images.to(dtype), labels, f_t, z_t)
+                loss = loss_t.float()
                 # The one accepted host sync per micro-batch: [non-finite loss anywhere, stop requested].
                 flags[0] = (~torch.isfinite(loss)).float()
                 flags[1] = 1.0 if stop.signum is not None else 0.0
@@ -381,10 +425,10 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                     continue
                 in_row = 0
                 lr = engine.get_lr()[0]  # the LR this optimizer step uses (host value, no sync)
-                engine.backward(out.loss)
+                engine.backward(loss_t)
                 engine.step()
-                vec = torch.stack([loss.detach()] + [out.parts[k].float() for k in (keys or sorted(out.parts))])
-                keys = keys or sorted(out.parts)
+                vec = torch.stack([loss.detach()] + [parts[k].float() for k in (keys or sorted(parts))])
+                keys = keys or sorted(parts)
                 sums = vec if sums is None else sums + vec
                 n_micro += 1
                 micro += 1
@@ -503,13 +547,17 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
         deepspeed = _import_deepspeed()
         teacher, distiller, mean, std = build_models(cfg, d.device)
         _, val_loader = build_loaders(cfg, mean, std, d)
-        engine, _, _, _ = deepspeed.initialize(model=distiller, optimizer=build_optimizer(cfg, distiller),
+        module = EngineModule(distiller)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
                                                config=deepspeed_config(cfg, d.world), dist_init_required=False)
+        if cfg.deepspeed.zero_stage == 3:
+            module.register_zero3_external()
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
                                          load_optimizer_states=False, load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"--checkpoint: DeepSpeed found no checkpoint at {ckpt_dir / tag}")
-        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+        dtype = _input_dtype(engine)
+        _match_buffers_on_cpu(engine, dtype)
         engine.eval()
         s1, s5, n = evaluate(_student_forward(engine, dtype), val_loader, d.device)
         t1, t5, _ = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
