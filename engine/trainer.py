@@ -58,12 +58,16 @@ def _import_deepspeed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import logging
+    # torch warns at DeepSpeed's import that CUDA_HOME has no runtime: noise on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
     return deepspeed
 
 
-def setup_distributed() -> Dist:
+def process_env() -> Dist:
+    """Rank, world size and device from the launcher's variables (torchrun, deepspeed), or a 1-process
+    setting when none are set. Starts nothing, so bad input can be reported before DeepSpeed is imported."""
     env_set = ()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # A plain `hcd train`: a 1-process group; setting the variables keeps DeepSpeed from MPI discovery.
@@ -73,18 +77,22 @@ def setup_distributed() -> Dist:
         for k in env_set:
             os.environ[k] = defaults[k]
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed = _import_deepspeed()
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    owns = not dist.is_initialized()
-    if owns:
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+    return Dist(rank, world, local_rank, device, False, env_set)
+
+
+def init_process_group(d: Dist) -> None:
+    """Through DeepSpeed (nccl on CUDA, gloo on CPU), unless a group already exists (reused)."""
+    deepspeed = _import_deepspeed()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
-    return Dist(rank, world, local_rank, device, owns, env_set)
+        d.owns_group = True
 
 
 def teardown_distributed(d: Dist) -> None:
@@ -280,7 +288,7 @@ def _params_finite(engine) -> bool:
 
 @contextmanager
 def _distributed():
-    d = setup_distributed()
+    d = process_env()
     try:
         yield d
     finally:
@@ -306,7 +314,6 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    deepspeed = _import_deepspeed()
     t = cfg.train
     ckpt_dir = run / "checkpoints"
 
@@ -328,6 +335,8 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if not resume and (run / "metrics.jsonl").exists():
         raise ConfigError(f"--out: {run} already holds a run; pass --resume to continue it or choose another --out")
     ds_config = deepspeed_config(cfg, d.world)
+    init_process_group(d)
+    deepspeed = _import_deepspeed()
 
     if d.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -471,8 +480,8 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                     pending = state["epoch"]
         pbar.close()
 
-        if stop_reason is None and state["last_eval_step"] != state["step"]:
-            top1, top5, best = run_eval(state["epoch"])
+        if stop_reason is None and state["last_eval_step"] != state["step"]:  # ended inside an epoch
+            top1, top5, best = run_eval(round(state["epoch"] + state["batch"] / len(train_loader), 4))
             _rank0_print(d, f"epoch {state['epoch']}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
             save(best=best)
         elif state.get("saved_step") != state["step"]:
@@ -544,12 +553,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
             raise ConfigError(f"--checkpoint: {p} is neither a checkpoints folder, a step-* folder nor a .safetensors file")
         if tag is None:
             raise ConfigError(f"--checkpoint: {p}/latest names no existing checkpoint")
-        deepspeed = _import_deepspeed()
         teacher, distiller, mean, std = build_models(cfg, d.device)
         _, val_loader = build_loaders(cfg, mean, std, d)
+        ds_config = deepspeed_config(cfg, d.world)
+        init_process_group(d)
+        deepspeed = _import_deepspeed()
         module = EngineModule(distiller)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
-                                               config=deepspeed_config(cfg, d.world), dist_init_required=False)
+                                               config=ds_config, dist_init_required=False)
         if cfg.deepspeed.zero_stage == 3:
             module.register_zero3_external()
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
@@ -575,6 +586,8 @@ def _eval_export(cfg: Config, weights: Path, d: Dist) -> int:
     model = load_exported(weights).to(d.device).eval()
     mean, std = norm_stats(model)
     _, val_loader = build_loaders(cfg, mean, std, d)
+    if d.world > 1:
+        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
     s1, s5, n = evaluate(model, val_loader, d.device)
     _rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     return 0
