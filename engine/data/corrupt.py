@@ -1,0 +1,66 @@
+"""Telling corrupt files apart, and the `data.on_corrupt` policy (error | skip) applied to them."""
+import io
+import logging
+from typing import Optional
+
+from engine.errors import DataError
+
+log = logging.getLogger("hcd.data")
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Magic bytes of the formats the loaders read. A cheap first filter: files failing it never reach
+    a decoder (a DALI decode error costs a pipeline rebuild)."""
+    return (head[:3] == b"\xff\xd8\xff"                                  # JPEG
+            or head[:8] == b"\x89PNG\r\n\x1a\n"                          # PNG
+            or head[:2] == b"BM"                                         # BMP
+            or head[:4] in (b"II*\x00", b"MM\x00*")                      # TIFF
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")           # WebP
+            or (len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()))
+
+
+def decode_problem(data: bytes) -> Optional[str]:
+    """None if PIL fully decodes `data` to RGB, else a short reason. Full decode, not verify(): a
+    truncated JPEG passes verify() and fails only when its pixels are read."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").load()
+        return None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        return short_reason(e)
+
+
+def short_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # its str() repeats the path the caller names anyway
+        return f"{type(e).__name__}: {e.strerror}"
+    msg = str(e).splitlines()[0] if str(e) else ""
+    msg = msg.replace("<_io.BytesIO object", "<bytes").strip()
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+class CorruptPolicy:
+    """on_corrupt=error: the first bad file raises DataError naming it. skip: the sample is dropped from
+    its batch, `skipped` counts every drop (so a bad file counts once per epoch), a warning is logged
+    the first time each file is seen, and `bad` remembers it so later epochs skip it without reading."""
+
+    def __init__(self, mode: str):
+        if mode not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt: {mode!r} is not one of 'error', 'skip'")
+        self.mode = mode
+        self.skipped = 0
+        self.bad = {}  # path -> reason
+
+    def report(self, path: str, reason: str) -> None:
+        if self.mode == "error":
+            raise DataError(f"{path}: corrupt or unreadable image ({reason}); "
+                            "fix or remove it, or set data.on_corrupt: skip")
+        if path not in self.bad:
+            log.warning("skipping corrupt image %s (%s)", path, reason)
+            self.bad[path] = reason
+        self.skipped += 1
+
+    def all_bad(self, first_path: str) -> DataError:
+        # Dropping a whole batch would give this rank fewer steps than the others (collectives hang).
+        return DataError(f"{first_path}: every image of a batch is corrupt (this is its first); "
+                         "run `hcd data-check` on the dataset")

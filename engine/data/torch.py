@@ -1,0 +1,89 @@
+"""The fallback loader for machines without DALI: PIL decode + torchvision transforms in DataLoader
+workers, batches chosen by engine.data.sampler (the same order as the DALI loader).
+
+Workers return uint8 images plus the corrupt files they met (never raise: an exception raised in a
+worker reaches the trainer as a multi-line wrapped traceback, not a DataError naming the file); the main
+process applies the on_corrupt policy, then moves the batch to the device and normalises it there.
+"""
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from engine.data.base import ImageSpec, ShardedLoader
+from engine.data.corrupt import short_reason
+from engine.data.transforms import train_transform, val_transform
+
+
+class _Images(Dataset):
+    """Keys are (index, epoch): the epoch seeds the sample's augmentation (see transforms.py)."""
+
+    def __init__(self, paths: list, spec: ImageSpec, train: bool, seed: int):
+        self.paths, self.spec, self.train = paths, spec, train
+        self.seed = seed & 0xFFFFFFFFFFFFFFFF
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        try:
+            with Image.open(self.paths[i]) as im:
+                img = im.convert("RGB")  # full decode: truncated files fail here
+            if self.train:
+                x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]))
+            else:
+                x = val_transform(img, self.spec.img_size, self.spec.val_resize)
+            return x, i, None
+        except Exception as e:  # any decode/read failure is a bad file; the main process decides
+            return None, i, short_reason(e)
+
+
+def _collate(items):
+    good = [(x, i) for x, i, reason in items if reason is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    idx = np.array([i for _, i in good], dtype=np.int64)
+    return images, idx, [(i, reason) for _, i, reason in items if reason is not None]
+
+
+class _PlanBatches:
+    """A batch sampler reading the loader's current plan, so one DataLoader serves every epoch: the
+    sampler runs in the main process, workers only see keys."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        epoch = self.loader.epoch
+        for b in self.loader.plan():
+            yield [(int(i), epoch) for i in b]
+
+    def __len__(self):
+        return len(self.loader) - self.loader.start_batch
+
+
+class TorchLoader(ShardedLoader):
+    backend = "torch"
+
+    def __init__(self, split, spec, **kw):
+        super().__init__(split, spec, **kw)
+        self._dl = None
+
+    def _dataloader(self) -> DataLoader:
+        if self._dl is None:
+            self._dl = DataLoader(
+                _Images(self.split.paths, self.spec, self.train, self.seed),
+                batch_sampler=_PlanBatches(self), num_workers=self.num_workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda",
+                # Not persistent: workers of a pass abandoned on a DataError would linger (and make
+                # interpreter exit wait ~5 s per worker); a fresh fork per epoch costs well under a second.
+                persistent_workers=False)
+        return self._dl
+
+    def __iter__(self):
+        for images, idx, bad in self._dataloader():
+            for i, reason in bad:
+                self.policy.report(self.split.paths[i], reason)  # raises with on_corrupt: error
+            if images is None:
+                raise self.policy.all_bad(self.split.paths[bad[0][0]])
+            yield self.normalize_uint8(images), self.labels(idx)
