@@ -8,7 +8,6 @@ import torch
 from engine.cli import main
 from engine.export import export_student, load_exported
 from engine.models import build_student, norm_stats
-from tests.engine.tiny import write_config
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path):
@@ -65,7 +64,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("override,key", BAD, ids=[b[0] for b in BAD])
-def test_malformed_config_is_one_line_naming_the_key(tmp_path, capsys, override, key):
+def test_malformed_config_is_one_line_naming_the_key(tmp_path, capsys, override, key, write_config):
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
     assert main(["train", "--config", cfg, "--out", str(run), "--set", override]) == 2
@@ -74,7 +73,7 @@ def test_malformed_config_is_one_line_naming_the_key(tmp_path, capsys, override,
     assert not run.exists()
 
 
-def test_deepspeed_file_with_another_stage_is_rejected(tmp_path, capsys):
+def test_deepspeed_file_with_another_stage_is_rejected(tmp_path, capsys, write_config):
     cfg = write_config(tmp_path)
     (tmp_path / "z3.json").write_text('{"zero_optimization": {"stage": 3}}')
     code = main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set",

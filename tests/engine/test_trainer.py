@@ -10,13 +10,12 @@ import torch
 
 from engine.cli import main
 from engine.checkpoint import read_pointer
-from tests.engine.tiny import ROOT, torchrun, train_rows, write_config
 
 PARTS = ("ce", "kd", "sce", "skl", "ol", "sce3", "skl3", "ol3", "sce4", "skl4", "ol4")
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
+def base_run(tmp_path_factory, write_config):
     """One 1-process ZeRO-0 run shared by the tests that only read its outputs."""
     tmp = tmp_path_factory.mktemp("base")
     cfg = write_config(tmp)
@@ -62,7 +61,7 @@ def test_eval_of_checkpoint_and_export_match_the_last_eval_row(base_run, capsys)
     assert out.count(expect) == 2, out
 
 
-def test_zero2_accumulation_adamw_step_schedule_clipping(tmp_path):
+def test_zero2_accumulation_adamw_step_schedule_clipping(tmp_path, write_config, train_rows):
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
     code = main(["train", "--config", cfg, "--out", str(run), "--set", "deepspeed.zero_stage=2",
@@ -76,7 +75,7 @@ def test_zero2_accumulation_adamw_step_schedule_clipping(tmp_path):
     assert not (run / "student.safetensors").exists()
 
 
-def test_two_processes_zero0(tmp_path):
+def test_two_processes_zero0(tmp_path, write_config, torchrun, train_rows):
     cfg = write_config(tmp_path)
     r = torchrun(2, ["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set", "train.max_steps=4"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -85,7 +84,7 @@ def test_two_processes_zero0(tmp_path):
     assert "teacher vit_tiny_patch16_224: val top-1" in r.stdout
 
 
-def test_resume_reproduces_the_uninterrupted_run_two_ranks_zero2(tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_two_ranks_zero2(tmp_path, write_config, torchrun, train_rows):
     cfg = write_config(tmp_path)
     common = ["--config", cfg, "--set", "deepspeed.zero_stage=2"]
     full = torchrun(2, ["train", *common, "--out", str(tmp_path / "full")])
@@ -104,7 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run_two_ranks_zero2(tmp_path):
             assert ra[key] == rb[key], (ra["step"], key)
 
 
-def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
+def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys, write_config):
     cfg = write_config(tmp_path)
     assert main(["train", "--config", cfg, "--out", str(tmp_path / "none"), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
@@ -112,7 +111,7 @@ def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, write_config, train_rows):
     from engine import trainer
     seen = []  # (call index, checksum of the student's weights when the forward ran)
     real = trainer.EngineModule.forward
@@ -137,7 +136,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
-def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeypatch, capsys):
+def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeypatch, capsys, write_config):
     from engine import trainer
     real = trainer.EngineModule.forward
     monkeypatch.setattr(trainer.EngineModule, "forward",
@@ -150,7 +149,7 @@ def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeyp
     assert not (run / "checkpoints").exists()
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys):
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys, write_config, train_rows):
     from engine import trainer
     real = trainer.EngineModule.forward
     calls = []

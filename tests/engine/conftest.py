@@ -1,10 +1,12 @@
-"""A tiny run config for the trainer tests: ViT teacher (2 blocks, width 48) -> ResNet18 student with
+"""Trainer-test fixtures. A tiny run config: ViT teacher (2 blocks, width 48) -> ResNet18 student with
 heads on stages 3 and 4, 32 px synthetic images, a few steps. DeepSpeed start-up dominates their time."""
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +33,7 @@ train: {epochs: 2, log_every: 1}
 """
 
 
-def write_config(tmp_path) -> str:
+def _write_config(tmp_path) -> str:
     p = Path(tmp_path) / "tiny.yaml"
     p.write_text(TINY_YAML)
     return str(p)
@@ -43,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m engine.cli ARGS` on the CPU accelerator (gloo)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -53,6 +55,27 @@ def torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def train_rows(run) -> list:
+def _train_rows(run) -> list:
     import json
     return [r for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+# Fixtures (not imports) so these helpers work whether or not tests/ is a package.
+@pytest.fixture
+def tiny_config(tmp_path):
+    return _write_config(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def write_config():
+    return _write_config
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    return _torchrun
+
+
+@pytest.fixture(scope="session")
+def train_rows():
+    return _train_rows
