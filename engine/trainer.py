@@ -14,7 +14,7 @@ Runs as one process (we set up a 1-process group; no MPI discovery), under torch
 `deepspeed` launcher (which sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*). Without CUDA, DS_ACCELERATOR=cpu
 and gloo are used. DeepSpeed and the data loaders are imported inside the functions that use them.
 """
-import math
+import json
 import os
 import signal
 import socket
@@ -169,7 +169,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
     """The generated DeepSpeed config, with `deepspeed.config_file` (if any) merged underneath it."""
-    import json
     t = cfg.train
     base = {}
     if cfg.deepspeed.config_file:
@@ -366,7 +365,6 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                         f"batch {state['batch']}")
         if d.rank == 0:  # drop rows logged after the checkpoint (a crash): the resumed run rewrites them
             rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
-            import json
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log = MetricsLog(run, d.rank)
 

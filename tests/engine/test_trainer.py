@@ -6,7 +6,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from engine.cli import main
 from engine.checkpoint import read_pointer
