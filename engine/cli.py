@@ -53,6 +53,8 @@ def _plot(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hcd", description="Heterogeneous Complementary Distillation engine")
+    # The `deepspeed` launcher inserts --local_rank=N before the subcommand; ranks come from LOCAL_RANK.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp):
@@ -64,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--out", help="run folder (default: the config's `out`)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    # The `deepspeed` launcher appends --local_rank=N; the rank is read from LOCAL_RANK, so it is ignored.
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or exported student on the config's val split")

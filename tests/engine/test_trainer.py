@@ -187,3 +187,28 @@ def test_zero3_and_bf16_runs_export_the_evaluated_student(tmp_path, capsys, stag
         assert f"val top-1 {ev['val_top1']:.2f}%" in out, out
     else:  # weights were bf16 in training and are evaluated in fp32 after export: a close score
         assert "val top-1" in out
+
+
+def test_deepspeed_launcher_two_processes(tmp_path, write_config, train_rows):
+    """`deepspeed --module engine.cli train ...`: the launcher inserts --local_rank=N before the subcommand."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = shutil.which("deepspeed")
+    if exe is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(root), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    from socket import socket
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path)
+    r = subprocess.run([sys.executable, exe, "--num_gpus", "2", "--master_port", str(port), "--module", "engine.cli",
+                        "train", "--config", cfg, "--out", str(tmp_path / "run"), "--set", "train.max_steps=2",
+                        "--set", "train.export=false"], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [x["step"] for x in train_rows(tmp_path / "run")] == [1, 2]
