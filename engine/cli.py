@@ -49,6 +49,8 @@ def _plot(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hcd", description="Heterogeneous Complementary Distillation engine")
+    # The `deepspeed` launcher inserts --local_rank=N before the subcommand; ranks come from LOCAL_RANK.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp):

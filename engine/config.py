@@ -46,6 +46,8 @@ class DataConfig:
     channels_last: bool = False
     last_batch: Literal["drop", "partial"] = "drop"   # train; val always keeps the partial last batch
     on_corrupt: Literal["error", "skip"] = "error"
+    synthetic_train_size: int = 512    # loader: synthetic -- samples per epoch (all ranks together)
+    synthetic_val_size: int = 128
 
 
 @dataclass
@@ -86,6 +88,9 @@ class TrainConfig:
     eval_every: int = 1                # epochs
     max_nonfinite: int = 10            # abort after this many non-finite losses in a row
     teacher_epochs: int = 0            # demo only: train the teacher from scratch first
+    stop_at_step: Optional[int] = None  # stop (checkpoint, exit 0) after this optimizer step without changing
+                                        # the schedule: a pre-emption drill; continue with --resume
+    export: bool = True                # write the student as safetensors + timm pretrained_cfg at the end
 
 
 @dataclass
@@ -282,6 +287,14 @@ def validate(cfg: Config):
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
     need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    need(cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1, "train.stop_at_step", "must be >= 1 or null")
+    need(cfg.data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
+    need(cfg.data.synthetic_val_size >= 1, "data.synthetic_val_size", "must be >= 1")
+    need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size", "must be >= 1 or null")
+    need(cfg.optim.momentum >= 0, "optim.momentum", "must be >= 0")
+    need(0 < cfg.schedule.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]")
+    need(cfg.schedule.min_lr >= 0, "schedule.min_lr", "must be >= 0")
+    need(0 < cfg.schedule.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
 
 

@@ -1,0 +1,108 @@
+"""Atomic DeepSpeed checkpoints with `latest` and `best` pointers.
+
+Layout of RUN/checkpoints/:
+  step-00000120/    one DeepSpeed checkpoint (model, optimizer, scheduler, ZeRO partitions; our client state
+                    inside mp_rank_00_model_states.pt) plus rng_rank{r}.pt (python, numpy, torch RNG per rank)
+  latest, best      text files naming a step folder (DeepSpeed's own `latest` convention, so
+                    `zero_to_fp32.py` and `engine.load_checkpoint(dir)` read them too)
+
+Atomicity: every rank writes into `.tmp-step-N/`; after a barrier rank 0 renames the folder to `step-N/`
+and then replaces the pointer files with os.replace (atomic on POSIX). A crash at any moment leaves the
+previous `latest` pointing at a complete folder; stale `.tmp-*` folders are removed by the next save.
+Folders referenced by neither pointer are deleted after the pointers move.
+Multi-node runs need RUN on a file system every node sees (as DeepSpeed's own checkpointing does).
+"""
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def read_pointer(ckpt_dir: Path, name: str) -> Optional[str]:
+    """The step folder a pointer names, or None if there is no (valid) pointer."""
+    p = Path(ckpt_dir) / name
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def _write_pointer(ckpt_dir: Path, name: str, tag: str) -> None:
+    tmp = Path(ckpt_dir) / f".{name}.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(ckpt_dir) / name)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
+         best: bool = False) -> str:
+    """Collective (every rank calls it): write step `step` atomically and move the pointers."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    final = ckpt_dir / tag
+    if not final.is_dir():  # the same step may be saved twice (epoch end, then end of training)
+        tmp_tag = f".tmp-{tag}"
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
+        _barrier()  # every rank's files are on disk before the folder becomes visible
+        if rank == 0:
+            os.replace(ckpt_dir / tmp_tag, final)
+    if rank == 0:
+        if latest:
+            _write_pointer(ckpt_dir, "latest", tag)
+        if best:
+            _write_pointer(ckpt_dir, "best", tag)
+        keep = {read_pointer(ckpt_dir, "latest"), read_pointer(ckpt_dir, "best")}
+        for d in ckpt_dir.iterdir():
+            if d.is_dir() and (d.name.startswith(".tmp-") or d.name.startswith("step-")) and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+    _barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns our client state."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved: those keep their seeds
+        # our own file, holding numpy's RNG tuple: not loadable with weights_only=True
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return client_state or {}

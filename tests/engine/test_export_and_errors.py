@@ -1,0 +1,81 @@
+"""Student export (timm round trip) and malformed configs (one-line errors, exit 2, no run folder)."""
+import json
+
+import pytest
+import timm
+import torch
+
+from engine.cli import main
+from engine.export import export_student, load_exported
+from engine.models import build_student, norm_stats
+
+
+def test_export_round_trip_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    student = build_student("resnet18", 7, [3, 4], kwargs={"drop_rate": 0.0})
+    with torch.no_grad():  # non-default BN statistics, so a missed buffer would show
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    mean, std = norm_stats(student.model)
+    path = export_student(student.model.state_dict(), tmp_path, "resnet18", 7, model_kwargs={"drop_rate": 0.0},
+                          mean=mean, std=std, img_size=32, class_names=list("abcdefg"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["architecture"] == "resnet18" and meta["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.randn(3, 3, 32, 32)
+    expect = student.model.eval()(x)
+    # the documented timm call: the overlay must carry num_classes too, otherwise timm compares K with the
+    # default cfg's 1000 classes and drops (re-initialises) the classifier
+    m = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=7),
+                          num_classes=7)
+    assert torch.equal(m.eval()(x), expect)
+    dropped = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                num_classes=7)
+    assert not torch.equal(dropped.eval()(x), expect)
+    # ... and the helper that reads the JSON
+    m2 = load_exported(path)
+    assert torch.equal(m2.eval()(x), expect) and tuple(m2.pretrained_cfg["mean"]) == tuple(mean)
+
+
+BAD = [
+    ("optim.lrr=1", "optim.lrr"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("data.batch_size=-1", "data.batch_size"),
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
+    ("train.precision=fp8", "train.precision"),
+    ("optim.name=lamb", "optim.name"),
+    ("schedule.name=poly", "schedule.name"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"),
+    ("schedule.gamma=2", "schedule.gamma"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.max_nonfinite=0", "train.max_nonfinite"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.stop_at_step=0", "train.stop_at_step"),
+    ("seed=abc", "seed"),
+    # found by the trainer, still before the run folder exists
+    ("model.teacher=no_such_model", "model.teacher"),
+    ("model.student=vit_tiny_patch16_224", "model.student"),
+    ("model.teacher_checkpoint=/nonexistent/teacher.pt", "model.teacher_checkpoint"),
+    ("deepspeed.config_file=/nonexistent/ds.json", "deepspeed.config_file"),
+    ("train.grad_accum=100", "train.grad_accum"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD, ids=[b[0] for b in BAD])
+def test_malformed_config_is_one_line_naming_the_key(tmp_path, capsys, override, key, write_config):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--config", cfg, "--out", str(run), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hcd train: error: ") and key in err, err
+    assert not run.exists()
+
+
+def test_deepspeed_file_with_another_stage_is_rejected(tmp_path, capsys, write_config):
+    cfg = write_config(tmp_path)
+    (tmp_path / "z3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    code = main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set",
+                 f"deepspeed.config_file={tmp_path / 'z3.json'}", "--set", "deepspeed.zero_stage=2"])
+    assert code == 2 and "deepspeed.zero_stage" in capsys.readouterr().err
