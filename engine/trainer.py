@@ -206,11 +206,20 @@ def evaluate(forward, loader, device) -> tuple:
     """(top-1 %, top-5 %) of forward(images) -> logits over the val split, all ranks together: each rank
     sums its correct counts and sample count on device, one all_reduce adds them (every sample once)."""
     counts = torch.zeros(3, device=device)
+    # Val shards may differ by one batch between ranks; under ZeRO-3 every forward gathers parameters
+    # collectively, so a rank that runs out early repeats a forward (uncounted) to keep the others company.
+    rounds = torch.tensor([len(loader)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    rounds, seen, last = int(rounds.item()), 0, None
     loader.set_epoch(0)
     for images, labels in loader:
         logits = forward(images).float()
         counts[:2] += topk_correct(logits, labels, (1, 5))
         counts[2] += labels.numel()
+        seen, last = seen + 1, images
+    for _ in range(rounds - seen if last is not None else 0):
+        forward(last[:1])
     if dist.is_initialized():
         dist.all_reduce(counts)
     c1, c5, n = counts.tolist()

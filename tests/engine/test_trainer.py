@@ -83,6 +83,20 @@ def test_two_processes_zero0(tmp_path, write_config, torchrun, train_rows):
     assert "teacher vit_tiny_patch16_224: val top-1" in r.stdout
 
 
+def test_zero3_two_ranks_with_uneven_val_shards_does_not_hang(tmp_path, write_config, torchrun):
+    # 9 val samples, batch 4: rank 0 gets 5 (2 batches), rank 1 gets 4 (1 batch). Under ZeRO-3 each forward
+    # gathers parameters collectively, so the short rank must keep step; the accuracy counts all 9 once.
+    cfg = write_config(tmp_path)
+    r = torchrun(2, ["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set", "deepspeed.zero_stage=3",
+                     "--set", "data.synthetic_val_size=9", "--set", "data.val_batch_size=4",
+                     "--set", "train.max_steps=2", "--set", "train.export=false"], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert evals and all(round(e["val_top1"] * 9 / 100, 6) == round(e["val_top1"] * 9 / 100) for e in evals)
+
+
 def test_resume_reproduces_the_uninterrupted_run_two_ranks_zero2(tmp_path, write_config, torchrun, train_rows):
     cfg = write_config(tmp_path)
     common = ["--config", cfg, "--set", "deepspeed.zero_stage=2"]
