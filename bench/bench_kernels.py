@@ -8,7 +8,7 @@ Inputs and references come from the tests (tests/kernels/helpers.py), so benchma
 import pytest
 import torch
 
-from engine.bench import (CPU_SHAPES, DTYPES, GPU_SHAPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
+from engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, GPU_SHAPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
                           mode_fn, student_loss_fn)
 from kernels import HCDLossConfig
 from tests.kernels.helpers import make_inputs
@@ -39,7 +39,8 @@ def test_head(benchmark, shape, dtype, mode, backend):
     inp = make_inputs(shape, DTYPES[dtype], DEVICE)
     grads = grad_tensors(inp)
     benchmark.group = f"head B{shape.B} C{shape.C} n{shape.n} {dtype} {mode}"
-    _run(benchmark, mode_fn(head_loss_fn(inp, HCDLossConfig(n_sublogits=shape.n), backend), mode, grads), grads)
+    with _no_donated_buffers():
+        _run(benchmark, mode_fn(head_loss_fn(inp, HCDLossConfig(n_sublogits=shape.n), backend), mode, grads), grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -122,6 +122,14 @@ def mode_fn(loss_fn: Callable[[], torch.Tensor], mode: str, grads: List[torch.Te
     return lambda: loss.backward(retain_graph=True)
 
 
+def _no_donated_buffers():
+    """torch.compile's backward frees ("donates") its saved buffers, which forbids the retain_graph that
+    the backward-only mode needs; the flag exists from torch 2.6 on."""
+    import contextlib
+    from torch._functorch import config
+    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
+
+
 def peak_mem_mb(fn, device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -151,9 +159,10 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     ms, mem = {}, {}
     torch._dynamo.reset()  # one compiled graph per row: past dynamo's recompile limit it would run eagerly
     for backend in backends or _backends(device, False):
-        fn = mode_fn(make(inp, cfg, backend), mode, grads)
-        ms[backend] = time_ms(fn, device, grad_to_none=grads, quick=quick)
-        mem[backend] = peak_mem_mb(fn, device)
+        with _no_donated_buffers():
+            fn = mode_fn(make(inp, cfg, backend), mode, grads)
+            ms[backend] = time_ms(fn, device, grad_to_none=grads, quick=quick)
+            mem[backend] = peak_mem_mb(fn, device)
         for t in grads:
             t.grad = None
     interp = device.type == "cpu" and "triton" in ms
