@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.student import row_num_warps, softmax_stats
+from kernels.student import row_num_warps, smoothed_ce, softmax_stats
 
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may read it)
 
@@ -265,10 +265,8 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
     dots = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
     for j in range(n):
         f = _fused_group(z_ptr, zrow, j, C, offs, mask, zt, alpha_s, alpha_t)
-        m1, _e1, _s1, log_s1 = softmax_stats(f, mask)
-        nll = log_s1 + (m1 - tl.sum(tl.where(is_y, f, 0.0), axis=0))  # parenthesised: keep log_s1
-        smooth = log_s1 + tl.sum(tl.where(mask, m1 - f, 0.0), axis=0) / C
-        ce_v = tl.where(idx == j, (1.0 - eps) * nll + eps * smooth, ce_v)
+        ce, m1, _e1, _s1, log_s1 = smoothed_ce(f, mask, is_y, eps, C)
+        ce_v = tl.where(idx == j, ce, ce_v)
         m1_v = tl.where(idx == j, m1, m1_v)
         ls1_v = tl.where(idx == j, log_s1, ls1_v)
 

@@ -44,6 +44,17 @@ def softmax_stats(x, mask):
 
 
 @triton.jit
+def smoothed_ce(x, mask, is_y, eps, C):
+    """(ce, m, e, s, log_s) of one masked fp32 row: CE_eps = (1-eps)(lse - x_y) + eps * mean_c(lse - x_c),
+    with lse - x_c written as log(s) + (m - x_c) so a large common offset cancels exactly instead of
+    through lse. The softmax statistics come back for the gradient (softmax = e / s)."""
+    m, e, s, log_s = softmax_stats(x, mask)
+    nll = log_s + (m - tl.sum(tl.where(is_y, x, 0.0), axis=0))  # parenthesised: keep log_s
+    smooth = log_s + tl.sum(tl.where(mask, m - x, 0.0), axis=0) / C
+    return (1.0 - eps) * nll + eps * smooth, m, e, s, log_s
+
+
+@triton.jit
 def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
                         B, C, eps, inv_T, T, w_ce, w_kd,
                         TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -58,12 +69,7 @@ def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
     valid = (y >= 0) & (y < C)
     is_y = offs == tl.minimum(tl.maximum(y, 0), C - 1)
 
-    # CE_eps: (1-eps)(lse - z_y) + eps * mean_c(lse - z_c); lse - z_c written as log(s) + (m - z_c) so
-    # a large common offset cancels exactly instead of through lse.
-    m, e, s, log_s = softmax_stats(zs, mask)
-    nll = log_s + (m - tl.sum(tl.where(is_y, zs, 0.0), axis=0))  # parenthesised: keep log_s
-    smooth = log_s + tl.sum(tl.where(mask, m - zs, 0.0), axis=0) / C
-    ce = (1.0 - eps) * nll + eps * smooth
+    ce, m, e, s, log_s = smoothed_ce(zs, mask, is_y, eps, C)
     ce = tl.where(valid, ce, float("nan"))
     g_ce = (e / s - (1.0 - eps) * is_y.to(tl.float32) - eps / C) * tl.where(valid, w_ce, 0.0)
 
