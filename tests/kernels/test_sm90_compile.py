@@ -48,10 +48,13 @@ def compile_all():
         build(_gemm_kernel, {"a1_ptr": f"*{act}", "a2_ptr": f"*{act}", "b1_ptr": f"*{weight}", "b2_ptr": f"*{weight}",
                              "c_ptr": "*fp32", "bias_ptr": f"*{weight}", "scale_ptr": "*fp32", "colsum_ptr": "*fp32"},
               dict(SPLIT_N=False, HAS_BIAS=True, HAS_SCALE=False, COLSUM=False, **common), warps)
-        build(_gemm_kernel, {"a1_ptr": f"*{act}", "a2_ptr": f"*{act}", "b1_ptr": f"*{act}", "b2_ptr": f"*{act}",
+        # backward: the fp32 dZ against 16-bit x as TF32 dots (fp32 activations: IEEE)
+        bm, bn, bk, warps = _TILES_32[0]
+        back = dict(DOT_DTYPE=tl.float32, PRECISION="ieee" if act == "fp32" else "tf32", BM=bm, BN=bn, BK=bk)
+        build(_gemm_kernel, {"a1_ptr": "*fp32", "a2_ptr": "*fp32", "b1_ptr": f"*{act}", "b2_ptr": f"*{act}",
                              "c_ptr": f"*{weight}", "bias_ptr": f"*{weight}", "scale_ptr": "*fp32",
                              "colsum_ptr": f"*{weight}"},
-              dict(SPLIT_N=True, HAS_BIAS=False, HAS_SCALE=True, COLSUM=True, **common), warps)
+              dict(SPLIT_N=True, HAS_BIAS=False, HAS_SCALE=True, COLSUM=True, **back), warps)
     print("COMPILED")
 
 
