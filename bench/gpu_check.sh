@@ -3,7 +3,8 @@
 # float64 reference in fp32/fp16/bf16 (`hcd verify`), the benchmarks (`hcd bench --quick`: n=4 at the CIFAR
 # and ImageNet shapes, bf16 and fp32, forward/backward/full, steps), then the kernel tests compiled on CUDA
 # (the bf16 cases run only there). Full logs and the results JSON go under $OUT (or bench/results); the
-# short tables are printed last.      PYTHONPATH=. bash bench/gpu_check.sh
+# short tables are printed last.
+#   HCD_COMMIT=<short hash> bash bench/gpu_check.sh      (HCD_COMMIT names the commit where .git did not travel)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -13,7 +14,7 @@ mkdir -p "$dest"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit: see the caller (no .git here)"
+  echo "commit ${HCD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown: pass HCD_COMMIT=<hash> (no .git here)')}"
   date -u +%Y-%m-%dT%H:%MZ
 } > "$dest/machine.txt" 2>&1
 

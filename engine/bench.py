@@ -205,6 +205,9 @@ def versions() -> dict:
 
 
 def commit() -> str:
+    """The checkout's short hash (+ "-dirty"); HCD_COMMIT when the tree travelled without .git (a GPU box)."""
+    if os.environ.get("HCD_COMMIT"):
+        return os.environ["HCD_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1], timeout=10)
