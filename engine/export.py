@@ -28,7 +28,7 @@ def export_student(state_dict: dict, out_dir, name: str, num_classes: int, *, mo
     tmp.replace(weights)
     pretrained_cfg = {
         "file": weights.name, "num_classes": num_classes, "input_size": [3, img_size, img_size],
-        "crop_pct": crop_pct, "interpolation": "bicubic",
+        "crop_pct": crop_pct, "interpolation": "bilinear",  # what our val pipelines use
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }
     meta = {"architecture": name, "num_classes": num_classes, "model_kwargs": dict(model_kwargs or {}),

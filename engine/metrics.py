@@ -55,8 +55,13 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list:
+    """The rows of a metrics.jsonl; a truncated last line (a crash mid-write) is dropped, not fatal."""
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for i, line in enumerate(lines):
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
     return rows

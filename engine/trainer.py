@@ -192,6 +192,10 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,   # our torch SGD/AdamW under ZeRO
         "bf16": dict(base.get("bf16", {}), enabled=t.precision == "bf16"),
+        # bf16 gradients lose bits when accumulated over micro-batches and ranks: accumulate in fp32 (DeepSpeed
+        # 0.19 supports that from ZeRO-1 on; ZeRO-0 with bf16 keeps bf16 gradients: prefer ZeRO-1 with bf16)
+        "data_types": dict(base.get("data_types", {}), **(
+            {"grad_accum_dtype": "fp32"} if t.precision == "bf16" and cfg.deepspeed.zero_stage >= 1 else {})),
         "fp16": dict(base.get("fp16", {}), enabled=t.precision == "fp16"),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -231,10 +235,11 @@ def _input_dtype(engine) -> torch.dtype:
     return next(engine.module.student.parameters()).dtype
 
 
-def _match_buffers_on_cpu(engine, dtype):
-    """DeepSpeed converts parameters to bf16/fp16 but not buffers; CUDA batch_norm accepts fp32 running
-    statistics with half inputs, the CPU kernel does not, so on CPU the buffers follow the parameters."""
-    if dtype != torch.float32 and next(engine.module.parameters()).device.type == "cpu":
+def _match_buffers(engine, dtype):
+    """DeepSpeed (0.19) converts parameters to bf16/fp16 but not buffers, and batch_norm in training mode then
+    refuses fp32 running statistics with half weights ("Expected running_mean to have type BFloat16", seen
+    on an H200; the CPU kernel refuses it too): the buffers follow the parameters' dtype."""
+    if dtype != torch.float32:
         for b in engine.module.buffers():
             if b.is_floating_point():
                 b.data = b.data.to(dtype)
@@ -361,7 +366,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if cfg.deepspeed.zero_stage == 3:
         module.register_zero3_external()
     dtype = _input_dtype(engine)
-    _match_buffers_on_cpu(engine, dtype)
+    _match_buffers(engine, dtype)
 
     # Per-rank randomness (data order is derived from the seed by the loaders themselves).
     seed = cfg.seed + d.rank
@@ -374,7 +379,9 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                         f"batch {state['batch']}")
         if d.rank == 0:  # drop rows logged after the checkpoint (a crash): the resumed run rewrites them
             rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
-            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp = run / "metrics.jsonl.tmp"  # a crash mid-rewrite must not lose the run's history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, run / "metrics.jsonl")
     log = MetricsLog(run, d.rank)
 
     t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
@@ -393,13 +400,14 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
 
     def run_eval(epoch_done: int):
         engine.eval()
-        top1, top5, _ = evaluate(_student_forward(engine, dtype), val_loader, d.device)
+        top1, top5, n_val_seen = evaluate(_student_forward(engine, dtype), val_loader, d.device)
         engine.train()
         state["last_eval_step"] = state["step"]
         best = top1 > state["best_top1"]
         if best:
             state["best_top1"] = top1
         log.write({"kind": "eval", "epoch": epoch_done, "step": state["step"], "val_top1": top1, "val_top5": top5,
+                   "val_samples": n_val_seen,
                    "best_top1": state["best_top1"]}, state["step"], "val/")
         return top1, top5, best
 
@@ -575,7 +583,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
         if path is None:
             raise ConfigError(f"--checkpoint: DeepSpeed found no checkpoint at {ckpt_dir / tag}")
         dtype = _input_dtype(engine)
-        _match_buffers_on_cpu(engine, dtype)
+        _match_buffers(engine, dtype)
         engine.eval()
         s1, s5, n = evaluate(_student_forward(engine, dtype), val_loader, d.device)
         t1, t5, _ = evaluate(lambda x: teacher(x)[1], val_loader, d.device)

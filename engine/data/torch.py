@@ -62,6 +62,14 @@ class _PlanBatches:
         return len(self.loader) - self.loader.start_batch
 
 
+def _ignore_stop_signals(_worker_id):
+    """Workers leave SIGTERM/SIGINT to the main process: torchrun and SLURM signal the whole process group,
+    and a worker killed by it would crash the trainer before it writes its pre-emption checkpoint."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchLoader(ShardedLoader):
     backend = "torch"
 
@@ -77,7 +85,7 @@ class TorchLoader(ShardedLoader):
                 pin_memory=self.device.type == "cuda",
                 # Not persistent: workers of a pass abandoned on a DataError would linger (and make
                 # interpreter exit wait ~5 s per worker); a fresh fork per epoch costs well under a second.
-                persistent_workers=False)
+                persistent_workers=False, worker_init_fn=_ignore_stop_signals)
         return self._dl
 
     def __iter__(self):

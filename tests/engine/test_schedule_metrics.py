@@ -1,11 +1,12 @@
 """Pure functions: the LR schedule and the accuracy arithmetic, on hand-made cases."""
+import json
 import math
 
 import pytest
 import torch
 
 from engine.config import ScheduleConfig
-from engine.metrics import accuracy, topk_correct
+from engine.metrics import accuracy, read_metrics, topk_correct
 from engine.schedule import lr_multiplier, make_lr_lambda, warmup_steps
 
 
@@ -53,3 +54,12 @@ def test_cosine_reaches_min_lr_and_step_decays():
 def test_lambda_from_config():
     f = make_lr_lambda(ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=0.001), 0.1, 50, 10)
     assert f(0) == pytest.approx(0.01) and f(50) == pytest.approx(0.01)
+
+
+def test_read_metrics_drops_a_truncated_last_line_only(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(p)] == [1, 2]  # a crash mid-write must not block --resume
+    p.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(ValueError):
+        read_metrics(p)  # damage in the middle is not silently skipped

@@ -94,7 +94,7 @@ def test_zero3_two_ranks_with_uneven_val_shards_does_not_hang(tmp_path, write_co
     import json
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["kind"] == "eval"]
-    assert evals and all(round(e["val_top1"] * 9 / 100, 6) == round(e["val_top1"] * 9 / 100) for e in evals)
+    assert evals and all(e["val_samples"] == 9 for e in evals)  # every val sample counted once across ranks
 
 
 def test_resume_reproduces_the_uninterrupted_run_two_ranks_zero2(tmp_path, write_config, torchrun, train_rows):

@@ -171,3 +171,20 @@ def test_loader_choice(dataset, monkeypatch, tmp_path):
         make(dataset, "dali")
     with pytest.raises(DataError, match="dataset folder not found"):
         make(tmp_path / "nowhere", "torch")
+
+
+def test_torch_workers_survive_a_process_group_sigterm(dataset):
+    # torchrun / SLURM signal the whole process group on pre-emption: the workers must leave SIGTERM to the
+    # trainer (which checkpoints), not die and crash the pass with "DataLoader worker killed by signal".
+    import os
+    import signal
+    cfg = DataConfig(root=str(dataset), loader="torch", batch_size=2, num_workers=1, img_size=16)
+    train, _ = build_loaders(cfg, MEAN, STD)
+    it = iter(train._dataloader())
+    next(it)
+    workers = [w.pid for w in it._workers]
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    n = 1 + sum(1 for _ in it)  # the rest of the pass still arrives
+    assert n == len(train)
