@@ -66,12 +66,16 @@ def _barrier():
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
-         best: bool = False) -> str:
-    """Collective (every rank calls it): write step `step` atomically and move the pointers."""
+         best: bool = False, written: bool = False) -> str:
+    """Collective (every rank calls it): write step `step` atomically and move the pointers.
+
+    `written`: this process already saved this very step (epoch end, then end of training): only the
+    pointers move. The caller decides from its own state, the same on every rank, never from what a shared
+    file system shows: a folder of the same step left by a crashed run holds other weights and is replaced."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     final = ckpt_dir / tag
-    if not final.is_dir():  # the same step may be saved twice (epoch end, then end of training)
+    if not written:
         tmp_tag = f".tmp-{tag}"
         if rank == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
         torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
         _barrier()  # every rank's files are on disk before the folder becomes visible
         if rank == 0:
+            if final.exists():  # stale, from a crashed run: move it aside first, so a crash here loses nothing
+                stale = ckpt_dir / f".tmp-stale-{tag}"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
             os.replace(ckpt_dir / tmp_tag, final)
     if rank == 0:
         if latest:

@@ -394,7 +394,8 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     def save(best=False):
         if not _params_finite(engine):  # never write a non-finite checkpoint
             raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; checkpoint not written")
-        tag = checkpoint.save(engine, ckpt_dir, state["step"], client_state(), d.rank, best=best)
+        tag = checkpoint.save(engine, ckpt_dir, state["step"], client_state(), d.rank, best=best,
+                              written=state.get("saved_step") == state["step"])
         state["saved_step"] = state["step"]
         return tag
 

@@ -226,3 +226,19 @@ def test_deepspeed_launcher_two_processes(tmp_path, write_config, train_rows):
                         "--set", "train.export=false"], cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [x["step"] for x in train_rows(tmp_path / "run")] == [1, 2]
+
+
+def test_a_stale_checkpoint_folder_of_the_same_step_is_replaced(tmp_path, write_config):
+    # A crash between a step folder's rename and its pointer update leaves step-N behind; a run that reaches
+    # step N again must write its own weights there, not point `latest` at the crashed run's folder.
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / "step-00000006"
+    stale.mkdir(parents=True)
+    (stale / "left_by_a_crash.txt").write_text("other weights")
+    assert main(["train", "--config", cfg, "--out", str(run), "--set", "train.max_steps=6",
+                 "--set", "train.export=false"]) == 0
+    assert read_pointer(run / "checkpoints", "latest") == "step-00000006"
+    assert not (stale / "left_by_a_crash.txt").exists()
+    assert list(stale.rglob("*model_states.pt")) and (stale / "rng_rank0.pt").is_file()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
