@@ -110,7 +110,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, q
     return statistics.median(samples)
 
 
-def mode_fn(loss_fn: Callable[[], torch.Tensor], mode: str, grads: List[torch.Tensor]):
+def mode_fn(loss_fn: Callable[[], torch.Tensor], mode: str):
     """The callable to time for a mode. backward times only the backward of a graph built once outside
     the timed region (retain_graph); full times forward + backward. The fused path computes dLoss/dZ inside
     its forward by design, so its "forward" already holds most of its gradient work: compare "full"."""
@@ -141,11 +141,9 @@ def peak_mem_mb(fn, device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def _backends(device, interpreter_ok):
-    names = ["eager", "compile"]
-    if device.type == "cuda" or interpreter_ok:
-        names.append("triton")
-    return names
+def _backends(device):
+    """Every baseline and the fused path where it runs compiled (the interpreter only when asked for)."""
+    return ["eager", "compile"] + (["triton"] if device.type == "cuda" else [])
 
 
 def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, quick=False,
@@ -158,9 +156,9 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     grads = grad_tensors(inp)
     ms, mem = {}, {}
     torch._dynamo.reset()  # one compiled graph per row: past dynamo's recompile limit it would run eagerly
-    for backend in backends or _backends(device, False):
+    for backend in backends or _backends(device):
         with _no_donated_buffers():
-            fn = mode_fn(make(inp, cfg, backend), mode, grads)
+            fn = mode_fn(make(inp, cfg, backend), mode)
             ms[backend] = time_ms(fn, device, grad_to_none=grads, quick=quick)
             mem[backend] = peak_mem_mb(fn, device)
         for t in grads:

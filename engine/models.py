@@ -153,15 +153,22 @@ class StudentModel(nn.Module):
         return self.model.forward_head(final), feats
 
 
+def _build_timm(role: str, name: str, families: set, num_classes: int, checkpoint: Optional[str],
+                pretrained: bool, kwargs: Optional[dict]) -> nn.Module:
+    """A timm model of a supported family (role: "teacher" or "student"), weights from `checkpoint` if given."""
+    family = model_family(name, f"model.{role}")
+    if family not in families:
+        raise ModelError(f"model.{role}: model family {family!r} ({name}) is not supported as a {role} "
+                         f"(supported: {', '.join(sorted(families))})")
+    model = _create(name, num_classes, pretrained and checkpoint is None, kwargs or {}, f"model.{role}_kwargs")
+    if checkpoint:
+        load_weights(model, checkpoint, f"model.{role}_checkpoint")
+    return model
+
+
 def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None, pretrained: bool = False,
                   kwargs: Optional[dict] = None, student_mean=None, student_std=None) -> FrozenTeacher:
-    family = model_family(name, "model.teacher")
-    if family not in TEACHER_FAMILIES:
-        raise ModelError(f"model.teacher: model family {family!r} ({name}) is not supported as a teacher "
-                         f"(supported: {', '.join(sorted(TEACHER_FAMILIES))})")
-    model = _create(name, num_classes, pretrained and checkpoint is None, kwargs or {}, "model.teacher_kwargs")
-    if checkpoint:
-        load_weights(model, checkpoint, "model.teacher_checkpoint")
+    model = _build_timm("teacher", name, TEACHER_FAMILIES, num_classes, checkpoint, pretrained, kwargs)
     return FrozenTeacher(model, student_mean, student_std)
 
 
@@ -171,10 +178,5 @@ def build_student(name: str, num_classes: int, stages: Sequence[int], checkpoint
     if family in TOKEN_FAMILIES:
         raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student; "
                          "HCD projectors for those are not built yet (HCD_SPEC.md 'Later')")
-    if family not in STUDENT_FAMILIES:
-        raise ModelError(f"model.student: model family {family!r} ({name}) is not supported as a student "
-                         f"(supported: {', '.join(sorted(STUDENT_FAMILIES))})")
-    model = _create(name, num_classes, pretrained and checkpoint is None, kwargs or {}, "model.student_kwargs")
-    if checkpoint:
-        load_weights(model, checkpoint, "model.student_checkpoint")
+    model = _build_timm("student", name, STUDENT_FAMILIES, num_classes, checkpoint, pretrained, kwargs)
     return StudentModel(model, stages)
