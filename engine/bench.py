@@ -3,21 +3,22 @@
 Prints a table of ratios, achieved TFLOP/s and GB/s against the card's roofline and peak memory, and writes
 bench/results/<device>-<date>.json. On CPU the shapes are small and the Triton path (which would run in the
 interpreter) is timed at a tiny shape only, marked "interpreter" and left out of every ratio.
-Timing: triton.testing.do_bench medians on CUDA; medians of a timed loop on CPU.
+Timing (engine/timing.py): launch-inclusive medians (do_bench on CUDA, a timed loop on CPU) for every
+backend; on CUDA also the host's issue time of the fused call, device time from CUDA-graph replay (the
+roofline's base) and, for the headline shape, a per-launch profile of every backend.
 """
 import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 
 from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
 from kernels.compare import Case, make_inputs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,25 +92,6 @@ def roofline_for(device: torch.device) -> Optional[dict]:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, quick=False) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
-                                             grad_to_none=grad_to_none, return_mode="median"))
-    reps = 3 if quick else 10
-    fn()  # warm-up (and compilation for torch.compile)
-    samples = []
-    for _ in range(reps):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
 def mode_fn(loss_fn: Callable[[], torch.Tensor], mode: str):
     """The callable to time for a mode. backward times only the backward of a graph built once outside
     the timed region (retain_graph); full times forward + backward. The fused path computes dLoss/dZ inside
@@ -148,36 +130,100 @@ def _backends(device):
 
 def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, quick=False,
                      backends=None) -> dict:
-    """One table row: medians per backend, achieved TFLOP/s and GB/s of the fused path, peak memory."""
+    """One table row: launch-inclusive medians per backend (and on CUDA: device time per backend from
+    CUDA-graph replay, the fused call's host issue time), the fused path's TFLOP/s, GB/s and roofline
+    fraction on both time bases, peak memory."""
     cfg = HCDLossConfig(n_sublogits=shape.n)
     dtype = DTYPES[dtype_name]
     inp = make_inputs(shape, dtype, device)
     make = head_loss_fn if kind == "head" else student_loss_fn
     grads = grad_tensors(inp)
-    ms, mem = {}, {}
+    ms, mem, dev_ms, host, errors = {}, {}, {}, {}, {}
     torch._dynamo.reset()  # one compiled graph per row: past dynamo's recompile limit it would run eagerly
     for backend in backends or _backends(device):
         with _no_donated_buffers():
             fn = mode_fn(make(inp, cfg, backend), mode)
             ms[backend] = time_ms(fn, device, grad_to_none=grads, quick=quick)
             mem[backend] = peak_mem_mb(fn, device)
-        for t in grads:
-            t.grad = None
+            if device.type == "cuda":
+                host[backend] = host_ms(fn, grads)
+                dev_ms[backend], err = try_cuda(lambda: graph_ms(lambda: mode_fn(make(inp, cfg, backend), mode),
+                                                                 grads))
+                if err:
+                    errors[backend] = err
+        clear_grads(grads)
     interp = device.type == "cpu" and "triton" in ms
     nbytes = torch.finfo(dtype).bits // 8
     flops, nbytes_moved = (head_cost(shape, nbytes, mode) if kind == "head"
                            else student_cost(shape.B, shape.C, nbytes, mode))
-    fused = ms.get("triton")
+    fused, fused_dev = ms.get("triton"), dev_ms.get("triton")
     row = {"kernel": kind, "shape": shape_dict(shape), "dtype": dtype_name, "mode": mode,
            "eager_ms": ms.get("eager"), "compile_ms": ms.get("compile"), "fused_ms": fused,
-           "fused_tflops": flops / (fused * 1e-3) / 1e12 if fused and not interp else None,
-           "fused_gbps": nbytes_moved / (fused * 1e-3) / 1e9 if fused and not interp else None,
+           "fused_tflops": _per_s(flops, fused) if not interp else None,
+           "fused_gbps": _per_s(nbytes_moved, fused, 1e9) if not interp else None,
            "peak_mem_mb": mem, "interpreter": interp}
+    if device.type == "cuda":
+        row.update({"host_ms": host, "device_ms": dev_ms, "device_errors": errors,
+                    "device_tflops": _per_s(flops, fused_dev), "device_gbps": _per_s(nbytes_moved, fused_dev, 1e9)})
     roof = roofline_for(device)
-    if roof and fused:
+    if roof:
         t_roof = max(flops / (roof["tflops"][dtype_name] * 1e12), nbytes_moved / (roof["gbps"] * 1e9))
-        row["roofline_fraction"] = t_roof / (fused * 1e-3)
+        row["roofline_fraction"] = t_roof / (fused * 1e-3) if fused else None
+        row["roofline_fraction_device"] = t_roof / (fused_dev * 1e-3) if fused_dev else None
     return row
+
+
+def _per_s(amount, ms, unit=1e12):
+    return amount / (ms * 1e-3) / unit if ms else None
+
+
+PROFILE_SHAPE = Case(256, 1000, 4, 768, 768)  # the benchmark issue's headline shape
+
+
+def profile_rows(device) -> List[dict]:
+    """Per-launch device time of the full (forward + backward) head at the headline shape, every backend,
+    bf16 and fp32 (CUDA only): which launch dominates, and how long the GPU waits between launches."""
+    if device.type != "cuda":
+        return []
+    rows = []
+    cfg = HCDLossConfig(n_sublogits=PROFILE_SHAPE.n)
+    for dtype_name in ("bf16", "fp32"):
+        inp = make_inputs(PROFILE_SHAPE, DTYPES[dtype_name], device)
+        grads = grad_tensors(inp)
+        torch._dynamo.reset()
+        for backend in _backends(device):
+            fn = mode_fn(head_loss_fn(inp, cfg, backend), "full")
+            prof, err = try_cuda(lambda: launch_profile(fn, grads))
+            if prof and backend == "triton":
+                from kernels.hcd_head import head_flops_bytes
+                nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
+                s = PROFILE_SHAPE
+                annotate_launches(prof["launches"], head_flops_bytes(s.B, s.C, s.n, s.Dp, s.Dt, nbytes))
+            rows.append({"kernel": "head", "shape": shape_dict(PROFILE_SHAPE), "dtype": dtype_name, "mode": "full",
+                         "backend": backend, "host_ms": host_ms(fn, grads), **(prof or {}), "error": err})
+    return rows
+
+
+# The fused head's Triton launches in launch order (kernels/hcd_head.py's plan), by kernel name.
+FUSED_PLAN = {"_gemm_kernel": ("z_gemm", "dx_gemm", "dw_gemm"), "_head_row_kernel": ("row",)}
+
+
+def annotate_launches(launches: List[dict], costs: dict) -> None:
+    """Name the fused launches after the plan and add their achieved TFLOP/s and GB/s (in place), from the
+    cost model: the n-th launch of a kernel is the n-th plan entry for it. Other launches (torch's own
+    small ops) stay unnamed."""
+    seen = {}
+    for launch in launches:
+        if launch.get("launch") is None:  # grouped by name (the calls differed): no order to go by
+            continue
+        plan = FUSED_PLAN.get(launch["kernel"])
+        k = seen.get(launch["kernel"], 0)
+        seen[launch["kernel"]] = k + 1
+        if plan is None or k >= len(plan) or plan[k] not in costs or not launch["us"]:
+            continue
+        flops, nbytes = costs[plan[k]]
+        launch.update(plan=plan[k], tflops=flops / (launch["us"] * 1e-6) / 1e12,
+                      gbps=nbytes / (launch["us"] * 1e-6) / 1e9)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -231,21 +277,66 @@ def _ratio(a, b):
 
 
 def format_table(rows: List[dict]) -> str:
-    head = (f"{'kernel':7} {'B':>4} {'C':>5} {'n':>2} {'dtype':5} {'mode':8} {'eager':>9} {'compile':>9} "
-            f"{'fused':>9} {'eag/fus':>7} {'cmp/fus':>7} {'TFLOP/s':>8} {'GB/s':>7} {'roof':>5} {'mem MB':>7}")
+    """The kernel table: launch-inclusive times and ratios; on CUDA also the fused call's host time and the
+    device times from CUDA-graph replay, on which TFLOP/s, GB/s and the roofline fraction are computed."""
+    gpu = any("device_ms" in r for r in rows)
+    head = (f"{'kernel':7} {'B':>4} {'C':>5} {'n':>2} {'dtype':5} {'mode':8} {'eager':>8} {'compile':>8} "
+            f"{'fused':>9} {'eag/fus':>7} {'cmp/fus':>7}")
+    if gpu:
+        head += (f" {'host':>6} | {'g.eager':>7} {'g.comp':>7} {'g.fused':>7} {'eag/fus':>7} {'cmp/fus':>7}"
+                 f" {'TFLOP/s':>7} {'GB/s':>6} {'roof':>5}")
+    head += f" {'mem MB':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         s = r["shape"]
         interp = r.get("interpreter")
         fused = _fmt(r["fused_ms"]) + ("i" if interp else "")
         ratios = (None, None) if interp else (_ratio(r["eager_ms"], r["fused_ms"]), _ratio(r["compile_ms"], r["fused_ms"]))
+        line = (f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {r['dtype']:5} {r['mode']:8} "
+                f"{_fmt(r['eager_ms']):>8} {_fmt(r['compile_ms']):>8} {fused:>9} {_fmt(ratios[0], '.2f'):>7} "
+                f"{_fmt(ratios[1], '.2f'):>7}")
+        if gpu:
+            d = r.get("device_ms") or {}
+            line += (f" {_fmt((r.get('host_ms') or {}).get('triton')):>6} | {_fmt(d.get('eager')):>7} "
+                     f"{_fmt(d.get('compile')):>7} {_fmt(d.get('triton')):>7} "
+                     f"{_fmt(_ratio(d.get('eager'), d.get('triton')), '.2f'):>7} "
+                     f"{_fmt(_ratio(d.get('compile'), d.get('triton')), '.2f'):>7} "
+                     f"{_fmt(r.get('device_tflops'), '.1f'):>7} {_fmt(r.get('device_gbps'), '.0f'):>6} "
+                     f"{_fmt(r.get('roofline_fraction_device'), '.0%'):>5}")
         mem = (r.get("peak_mem_mb") or {}).get("triton")
-        lines.append(f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {r['dtype']:5} {r['mode']:8} "
-                     f"{_fmt(r['eager_ms']):>9} {_fmt(r['compile_ms']):>9} {fused:>9} {_fmt(ratios[0], '.2f'):>7} "
-                     f"{_fmt(ratios[1], '.2f'):>7} {_fmt(r.get('fused_tflops'), '.1f'):>8} "
-                     f"{_fmt(r.get('fused_gbps'), '.0f'):>7} {_fmt(r.get('roofline_fraction'), '.0%'):>5} "
-                     f"{_fmt(mem, '.0f'):>7}")
+        lines.append(line + f" {_fmt(mem, '.0f'):>6}")
     lines.append("times in ms (medians); 'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
+    if gpu:
+        lines.append("left of '|': launch-inclusive (do_bench, L2 flushed, host time included); host = Python time to "
+                     "issue the fused call; right of '|': device time per call from CUDA-graph replay (warm L2), the "
+                     "base of TFLOP/s, GB/s and roof (the launch-inclusive roofline fraction is in the JSON)")
+        failed = sorted({f"{b}: {e}" for r in rows for b, e in (r.get("device_errors") or {}).items()})
+        lines += [f"graph capture failed, {e}" for e in failed]
+    return "\n".join(lines)
+
+
+def _launch_label(x: dict) -> str:
+    if "plan" in x:
+        return f"{x['plan']} {x['us']:.1f} ({x['tflops']:.1f} TFLOP/s, {x['gbps']:.0f} GB/s)"
+    return f"{x['kernel']} {x['us']:.1f}"
+
+
+def format_profile(rows: List[dict]) -> str:
+    """Per backend: launches per call, summed kernel time, span of one call on the GPU and host time;
+    then the fused path's launches in order."""
+    lines = [f"profile: head B={PROFILE_SHAPE.B} C={PROFILE_SHAPE.C} n={PROFILE_SHAPE.n} full, device time per "
+             f"call (torch.profiler); span = first kernel start to last kernel end",
+             f"{'dtype':5} {'backend':8} {'launches':>8} {'kernel us':>9} {'span us':>8} {'host us':>8}"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['dtype']:5} {r['backend']:8} profile failed: {r['error']}")
+            continue
+        n = r["per_call"] if r.get("per_call") else sum(x.get("count", 1) for x in r["launches"])
+        lines.append(f"{r['dtype']:5} {r['backend']:8} {_fmt(n, '.0f'):>8} {r['kernel_us']:>9.1f} "
+                     f"{_fmt(r.get('span_us'), '.1f'):>8} {r['host_ms'] * 1e3:>8.1f}")
+    for r in rows:
+        if r["backend"] == "triton" and not r.get("error"):
+            lines.append(f"{r['dtype']} fused launches (us): " + ", ".join(_launch_label(x) for x in r["launches"]))
     return "\n".join(lines)
 
 
@@ -284,10 +375,11 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     plan = kernel_plan(dev, quick)
     rows = [bench_kernel_row(kind, shape, dt, mode, dev, quick, backends)
             for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False)]
+    prof = profile_rows(dev)
     step = bench_step_rows(dev, quick) if steps else []
     loads = loader_rows(quick) if loader and dev.type == "cpu" else []
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "kernel": rows, "step": step, "loader": loads}
+              "versions": versions(), "kernel": rows, "profile": prof, "step": step, "loader": loads}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{device_name(dev).replace(' ', '_')}-{result['date']}.json"
@@ -295,6 +387,8 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / name)
     print(format_table(rows))
+    if prof:
+        print(format_profile(prof))
     if step:
         print(format_step_table(step))
     if loads:

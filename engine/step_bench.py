@@ -64,7 +64,7 @@ def build_step(setup: StepSetup, device, backend: str, kind: str = "hcd") -> Cal
 
 
 def step_rows(device, quick=False) -> List[dict]:
-    from engine.bench import time_ms
+    from engine.timing import time_ms
     setup = GPU_SETUP if device.type == "cuda" else CPU_SETUP
     fused = "auto"  # the engine's own choice: triton on CUDA, eager on CPU
     times = {}

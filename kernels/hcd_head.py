@@ -13,7 +13,8 @@ Launch plan (B rows, C classes, n sub-logits, N = n*C, D = Dp + Dt, e = activati
                         fp32 dz_s (and dz_t = a_t sum_j dL/dZ~_j), and per-row loss partials.
                         ~60*B*N + 2*B*n*N FLOPs; compulsory bytes 4*B*N + 2*B*C*e + 8*B read,
                         4*B*N + 4*B*C (x2 with teacher grad) + 16*B written (group reloads hit L2).
-    3. partials.sum(0)  (B, 4) -> (ce, kl, ol, total).  16*B bytes.  No atomics, no host sync.
+    3. partials.sum(0)  (B, 4) -> (ce, kl, ol, total), four 0-dim outputs of one reduction.  16*B bytes.
+                        No atomics, no host sync.
   backward (quack's deferral: dZ is saved, so the grad_output scale rides in the GEMM epilogues, a frozen
             weight costs nothing and a forward without backward never pays for the GEMMs)
     4. _gemm_kernel     dX = g * dZ W -> one (B, D) buffer, dx_s and dx_t its column views ((B, Dp) when
@@ -41,12 +42,15 @@ rounded to TF32 only). Accumulation always fp32. For float32 activations the dot
 fp32 matmul precision (IEEE by default) like torch.mm does. float64 inputs run the float64 eager
 reference instead: float64 is a debugging dtype and the kernels are fp32 inside.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.student import row_num_warps, smoothed_ce, softmax_stats
+from kernels.launch import cdiv, next_pow2, row_num_warps
+from kernels.student import smoothed_ce, softmax_stats
 
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may read it)
 
@@ -168,7 +172,7 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
     else:
         precision = "tf32"  # ignored for 16-bit operands
     BM, BN, BK, warps = _tile(M, N1, N2, dot_dtype)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N1, BN) + triton.cdiv(N2, BN))
+    grid = (cdiv(M, BM), cdiv(N1, BN) + cdiv(N2, BN))
     dummy = out  # placeholder pointer for absent optional operands (never read)
     _gemm_kernel[grid](
         a1, a2, b1, b2, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
@@ -200,12 +204,13 @@ _TILES_16 = ((64, 128, 64, 8), (64, 64, 64, 4), (32, 64, 64, 4))
 _TILES_32 = ((64, 64, 32, 4), (32, 64, 32, 4))
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(M, N1, N2, dot_dtype):
     """The largest tile that still gives ~one CTA per SM of an H100 (132 SMs); dX (M = B, N = D, K = nC
     long) would otherwise run 48 CTAs at ImageNet size."""
     tiles = _TILES_32 if dot_dtype == torch.float32 else _TILES_16
     for BM, BN, BK, warps in tiles:
-        if triton.cdiv(M, BM) * (triton.cdiv(N1, BN) + triton.cdiv(N2, BN)) >= 96:
+        if cdiv(M, BM) * (cdiv(N1, BN) + cdiv(N2, BN)) >= 96:
             return BM, BN, BK, warps
     return tiles[-1]
 
@@ -380,7 +385,7 @@ class _HCDHead(torch.autograd.Function):
         dz = torch.empty((B, n * C), dtype=torch.float32, device=dev) if need_dz else z
         dzl = torch.empty((2 if need[4] else 1, B, C), dtype=torch.float32, device=dev)
         partials = torch.empty((B, 4), dtype=torch.float32, device=dev)
-        block_c = triton.next_power_of_2(C)
+        block_c = next_pow2(C)
         _head_row_kernel[(B,)](
             z, z_t, z_s, target, dz, dzl, partials,
             B, C, n, float(cfg.student_scale), float(cfg.teacher_scale), float(cfg.label_smoothing),
@@ -390,18 +395,26 @@ class _HCDHead(torch.autograd.Function):
             float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
             1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
             KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=bool(need[4]), WRITE_DZ=need_dz,
-            BLOCK_C=block_c, BLOCK_N=max(triton.next_power_of_2(n), 2), num_warps=row_num_warps(2 * block_c))
+            BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=row_num_warps(2 * block_c))
 
         ctx.save_for_backward(x_s, x_t, weight, dz if need_dz else None, dzl)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.act = act
-        return partials.sum(0)  # 3. (ce, kl, ol, total)
+        # 3. (ce, kl, ol, total) in one reduction, handed out as four outputs: the parts are marked
+        # non-differentiable and grads are not materialised, so the backward gets total's gradient as is
+        # (indexing one (4,) output would add a select-backward's zero-fill and copy launches per step).
+        ce, kl, ol, total = partials.sum(0).unbind(0)
+        ctx.mark_non_differentiable(ce, kl, ol)
+        ctx.set_materialize_grads(False)
+        return total, ce, kl, ol
 
     @staticmethod
-    def backward(ctx, grad_sums):
+    def backward(ctx, g, *_parts):
         x_s, x_t, weight, dz, dzl = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = grad_sums[3:4]  # d out / d total, on device; ce/kl/ol were handed out detached
+        if g is None:  # only total carries a gradient; nothing reached it
+            return (None,) * 8
+        # g = d out / d total, a 0-dim tensor read on the device (no host sync)
         act, Dp = ctx.act, x_s.shape[1]
         dx_s = dx_t = dw = db = dzt = dzs = None
         inv_b = 1.0 / x_s.shape[0]  # dZ was stored per sample (see the row kernel)
@@ -430,5 +443,4 @@ def hcd_head_loss_triton(x_student, x_teacher, weight, bias, teacher_logits, stu
     args = (x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg)
     if x_student.dtype == torch.float64 or x_student.shape[0] == 0:
         return reference.hcd_head_loss_eager(*args)
-    sums = _HCDHead.apply(*args)
-    return sums[3], sums[0].detach(), sums[1].detach(), sums[2].detach()
+    return _HCDHead.apply(*args)

@@ -4,7 +4,7 @@ Launch plan (B rows of C classes, e = bytes per logit):
   forward  1. _student_row_kernel, one program per row: both softmaxes, the two losses and d(total)/dz
               for the student (and the teacher when it requires grad), all fp32; per-row loss partials.
               FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B.
-           2. partials.sum(0): B*3 floats -> (ce, kd, total). No atomics, no host sync.
+           2. partials.sum(0): B*3 floats -> (ce, kd, total), three 0-dim outputs. No atomics, no host sync.
   backward 3. one multiply of the saved fp32 gradients by grad_output, cast to the logits dtype on store
               (torch.mul(..., out=...): one rounding). B*C*(4+e) bytes (x2 with teacher grad).
 float64 inputs run the float64 eager reference instead (a debugging dtype; the kernel is fp32-only).
@@ -14,15 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-
-
-def row_num_warps(block: int) -> int:
-    """Warps per row program: enough threads that a row stays ~8 fp32 values per thread per vector."""
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
+from kernels.launch import next_pow2, row_num_warps
 
 
 @triton.jit
@@ -106,7 +98,7 @@ class _StudentLoss(torch.autograd.Function):
         # fp32 gradient buffer: [0] student, [1] teacher; scaled by grad_output and rounded once in backward.
         dz = torch.empty((2 if teacher_grad else 1, B, C), dtype=torch.float32, device=zs.device)
         partials = torch.empty((B, 3), dtype=torch.float32, device=zs.device)
-        block = triton.next_power_of_2(C)
+        block = next_pow2(C)
         _student_row_kernel[(B,)](
             zs, zt, y, dz, partials, B, C,
             float(cfg.label_smoothing), 1.0 / cfg.kd_temperature, float(cfg.kd_temperature),
@@ -114,14 +106,18 @@ class _StudentLoss(torch.autograd.Function):
             TEACHER_GRAD=teacher_grad, BLOCK=block, num_warps=row_num_warps(block))
         ctx.save_for_backward(dz)
         ctx.dtype = zs.dtype
-        return partials.sum(0)  # (ce, kd, total)
+        # (ce, kd, total) from one reduction as three outputs; only total is differentiable (see _HCDHead)
+        ce, kd, total = partials.sum(0).unbind(0)
+        ctx.mark_non_differentiable(ce, kd)
+        ctx.set_materialize_grads(False)
+        return total, ce, kd
 
     @staticmethod
-    def backward(ctx, grad_sums):
+    def backward(ctx, g, *_parts):
         (dz,) = ctx.saved_tensors
-        # Only `total` (index 2) carries gradient; ce/kd are handed out detached. Always multiply on
-        # device: testing grad_output == 1 would need a host sync.
-        g = grad_sums[2]
+        if g is None:
+            return None, None, None, None
+        # Always multiply on device: testing grad_output == 1 would need a host sync.
         out = torch.empty(dz.shape, dtype=ctx.dtype, device=dz.device)
         torch.mul(dz, g, out=out)
         d_student = out[0] if ctx.needs_input_grad[0] else None
@@ -133,8 +129,7 @@ def student_loss_triton(student_logits, teacher_logits, target, cfg):
     """(total, ce, kd): total = ce_weight*ce + kd_weight*kd; ce and kd are detached 0-dim tensors."""
     if student_logits.dtype == torch.float64 or student_logits.shape[0] == 0:
         return reference.student_loss_eager(student_logits, teacher_logits, target, cfg)
-    sums = _StudentLoss.apply(student_logits, teacher_logits, target, cfg)
-    return sums[2], sums[0].detach(), sums[1].detach()
+    return _StudentLoss.apply(student_logits, teacher_logits, target, cfg)
 
 
 def student_flops_bytes(B, C, dtype_bytes):

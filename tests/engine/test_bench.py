@@ -2,6 +2,8 @@
 (Correctness of the report only: the timings themselves are never asserted.)"""
 import json
 
+import pytest
+
 from engine.bench import format_table, head_cost, run_bench
 from kernels.compare import Case
 
@@ -44,3 +46,76 @@ def test_table_leaves_interpreter_rows_out_of_ratios():
            "mode": "full", "eager_ms": 1.0, "compile_ms": 2.0, "fused_ms": 100.0, "interpreter": True}
     line = format_table([row]).splitlines()[2]
     assert "100.000i" in line and "0.01" not in line
+
+
+def test_per_launch_keeps_launch_order_and_measures_the_gaps():
+    from engine.timing import per_launch
+    # two identical calls: gemm 0-10, row 12-15, gemm 40-60 (the GPU idled 25 us waiting for the host)
+    call = [("gemm", 0.0, 10.0), ("row", 12.0, 15.0), ("gemm", 40.0, 60.0)]
+    events = call + [(k, s + 100.0, e + 100.0) for k, s, e in call]
+    out = per_launch(list(reversed(events)), calls=2)  # order of the profiler's list does not matter
+    assert [(r["launch"], r["kernel"], r["us"]) for r in out["launches"]] == [(1, "gemm", 10.0), (2, "row", 3.0),
+                                                                            (3, "gemm", 20.0)]
+    assert out["kernel_us"] == 33.0 and out["span_us"] == 60.0 and out["per_call"] == 3
+
+
+def test_per_launch_groups_by_name_when_calls_differ():
+    from engine.timing import per_launch
+    events = [("a", 0.0, 4.0), ("b", 5.0, 6.0), ("a", 10.0, 12.0)]  # 3 events over 2 calls: not periodic
+    out = per_launch(events, calls=2)
+    assert out["span_us"] is None and out["per_call"] is None
+    assert [(r["kernel"], r["count"], r["us"]) for r in out["launches"]] == [("a", 1.0, 3.0), ("b", 0.5, 0.5)]
+
+
+def _gpu_row(**extra):
+    row = {"kernel": "head", "shape": {"B": 256, "C": 1000, "n": 4, "Dp": 768, "Dt": 768}, "dtype": "bf16",
+           "mode": "full", "eager_ms": 3.0, "compile_ms": 1.2, "fused_ms": 1.5, "interpreter": False,
+           "host_ms": {"triton": 0.4}, "device_ms": {"eager": 0.9, "compile": 0.3, "triton": 0.15},
+           "device_errors": {}, "device_tflops": 62.5, "device_gbps": 300.0, "roofline_fraction_device": 0.12}
+    row.update(extra)
+    return row
+
+
+def test_gpu_table_shows_both_time_bases():
+    from engine.bench import format_table
+    lines = format_table([_gpu_row()]).splitlines()
+    assert "g.fused" in lines[0] and "host" in lines[0]
+    cells = lines[2].split()
+    assert cells[cells.index("|") + 1:cells.index("|") + 6] == ["0.900", "0.300", "0.150", "6.00", "2.00"]
+    assert cells[cells.index("|") - 1] == "0.400" and "12%" in cells  # host time, device roofline
+    assert ["2.00", "0.80"] == cells[9:11]  # launch-inclusive ratios: 3.0/1.5, 1.2/1.5
+
+
+def test_gpu_table_reports_a_failed_capture():
+    from engine.bench import format_table
+    row = _gpu_row(device_ms={"eager": 0.9, "compile": None, "triton": 0.15},
+                   device_errors={"compile": "RuntimeError: operation not permitted when stream is capturing"})
+    text = format_table([row])
+    assert "graph capture failed, compile: RuntimeError: operation not permitted" in text
+    assert text.splitlines()[2].split()[-5] == "-"  # cmp/fus on device time: no ratio without a number
+
+
+def test_profile_table_lists_the_fused_launches():
+    from engine.bench import format_profile
+    fused = {"dtype": "bf16", "backend": "triton", "host_ms": 0.25, "error": None, "per_call": 2,
+             "kernel_us": 30.0, "span_us": 80.0,
+             "launches": [{"launch": 1, "kernel": "_gemm_kernel", "us": 20.0},
+                          {"launch": 2, "kernel": "_head_row_kernel", "us": 10.0}]}
+    eager = {"dtype": "bf16", "backend": "eager", "host_ms": 1.0, "error": None, "per_call": None,
+             "kernel_us": 90.0, "span_us": None, "launches": [{"launch": None, "kernel": "k", "count": 40, "us": 90.0}]}
+    text = format_profile([eager, fused])
+    assert "bf16  eager          40      90.0        -   1000.0" in text
+    assert "bf16  triton          2      30.0     80.0    250.0" in text
+    assert "bf16 fused launches (us): _gemm_kernel 20.0, _head_row_kernel 10.0" in text
+
+
+def test_fused_launches_are_named_after_the_plan():
+    from engine.bench import annotate_launches
+    launches = [{"launch": i + 1, "kernel": k, "us": us} for i, (k, us) in enumerate(
+        [("_gemm_kernel", 10.0), ("_head_row_kernel", 5.0), ("reduce_kernel", 2.0), ("_gemm_kernel", 20.0),
+         ("_gemm_kernel", 40.0)])]
+    costs = {"z_gemm": (1e9, 1e6), "row": (1e6, 5e6), "dx_gemm": (1e9, 2e6), "dw_gemm": (2e9, 4e6)}
+    annotate_launches(launches, costs)
+    assert [x.get("plan") for x in launches] == ["z_gemm", "row", None, "dx_gemm", "dw_gemm"]
+    assert launches[0]["tflops"] == pytest.approx(100.0) and launches[0]["gbps"] == pytest.approx(100.0)
+    assert launches[4]["tflops"] == pytest.approx(50.0) and launches[1]["gbps"] == pytest.approx(1000.0)

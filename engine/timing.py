@@ -1,0 +1,149 @@
+"""How `hcd bench` times one call, in three views that disagree at the loss heads' real sizes.
+
+- time_ms: back-to-back calls as a user's Python loop sees them (triton.testing.do_bench medians, L2
+  flushed between calls, on CUDA; a timed loop on CPU). It includes the host's time whenever the host
+  is slower than the GPU, which it is for kernels of tens of microseconds.
+- host_ms (CUDA): the Python time to issue one call, the GPU idle before it. When it is close to
+  time_ms, the call is host-bound and time_ms says nothing about the kernels.
+- graph_ms (CUDA): device time alone. The call is captured (several times, unrolled) in a CUDA graph and
+  replayed: no Python, no launch gaps from the host. It is what the losses cost inside a training step,
+  where the GPU queue is full and the host runs ahead, and the only fair base for a roofline fraction.
+  L2 is warm here (not flushed between the captured calls).
+- launch_profile (CUDA): per-kernel device time of one call in launch order (torch.profiler), to see
+  which launch dominates.
+"""
+import statistics
+import time
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+
+def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, quick=False) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
+                                             grad_to_none=grad_to_none, return_mode="median"))
+    reps = 3 if quick else 10
+    fn()  # warm-up (and compilation for torch.compile)
+    samples = []
+    for _ in range(reps):
+        clear_grads(grad_to_none or ())
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def host_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), reps: int = 30) -> float:
+    """Median Python time to issue fn() on an idle GPU (CUDA only; the queue is drained before each)."""
+    samples = []
+    for _ in range(reps):
+        clear_grads(grads)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def graph_ms(make_fn: Callable[[], Callable[[], object]], grads: Sequence[torch.Tensor] = (),
+             calls: int = 10, replays: int = 20) -> float:
+    """Median device milliseconds per call: make_fn() built, warmed up and captured `calls` times into one
+    CUDA graph on a side stream, then replayed. Raises whatever the capture raises (e.g. a host sync).
+
+    make_fn builds the callable on the capture stream because autograd runs every backward op on the
+    stream of its forward op: a graph built outside (the "backward" mode's retained graph) would
+    launch its backward on the default stream, outside the capture.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn = make_fn()
+        for _ in range(3):  # warm-up on this stream: compilation, autotuning and allocator pools
+            clear_grads(grads)
+            fn()
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(calls):
+                clear_grads(grads)  # the gradients are then allocated from the graph's own pool
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    clear_grads(grads)
+    del graph
+    return statistics.median(samples)
+
+
+def launch_profile(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), calls: int = 5) -> dict:
+    """Per-launch device time of fn() (CUDA): torch.profiler over `calls` calls, see per_launch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        clear_grads(grads)
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            clear_grads(grads)
+            fn()
+        torch.cuda.synchronize()
+    clear_grads(grads)
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == DeviceType.CUDA]
+    return per_launch(events, calls)
+
+
+def per_launch(events: List[Tuple[str, float, float]], calls: int) -> dict:
+    """Device events (name, start_us, end_us) of `calls` identical calls -> the launches of one call.
+
+    Returns {"launches": [{"launch", "kernel", "us"}], "kernel_us", "span_us", "per_call"}: launches in
+    order with their mean duration, the summed kernel time of one call, and the mean span from its first
+    kernel's start to its last kernel's end (span well above kernel_us: the GPU waited for the host).
+    When the calls did not launch the same sequence, launches are grouped by kernel name instead
+    ("launch" is then None, "count" the launches per call) and span_us is None.
+    """
+    events = sorted(events, key=lambda e: e[1])
+    per, rest = divmod(len(events), calls) if calls > 0 else (0, 1)
+    chunks = [events[i * per:(i + 1) * per] for i in range(calls)] if per and not rest else []
+    same = bool(chunks) and all([e[0] for e in c] == [e[0] for e in chunks[0]] for c in chunks)
+    if same:
+        launches = [{"launch": i + 1, "kernel": chunks[0][i][0],
+                     "us": statistics.mean(c[i][2] - c[i][1] for c in chunks)} for i in range(per)]
+        span = statistics.mean(c[-1][2] - c[0][1] for c in chunks)
+    else:
+        by_name = {}
+        for name, start, end in events:
+            count, total = by_name.get(name, (0, 0.0))
+            by_name[name] = (count + 1, total + end - start)
+        launches = [{"launch": None, "kernel": name, "count": count / max(calls, 1), "us": total / max(calls, 1)}
+                    for name, (count, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1])]
+        span = None
+    return {"launches": launches, "kernel_us": sum(r["us"] for r in launches), "span_us": span,
+            "per_call": per if same else None}
+
+
+def try_cuda(measure: Callable[[], object]) -> Tuple[Optional[object], Optional[str]]:
+    """(result, None), or (None, a one-line reason) when a CUDA-only measurement fails (a capture refused
+    by a backend): the table shows "-" and the JSON keeps the reason instead of the run dying."""
+    try:
+        return measure(), None
+    except Exception as exc:  # noqa: BLE001 -- reported, not swallowed: it lands in the results JSON
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
