@@ -3,6 +3,8 @@
 Layout of RUN/checkpoints/:
   step-00000120/    one DeepSpeed checkpoint (model, optimizer, scheduler, ZeRO partitions; our client state
                     inside mp_rank_00_model_states.pt) plus rng_rank{r}.pt (python, numpy, torch RNG per rank)
+                    and layout.json (world size, batch size, accumulation, ZeRO stage, precision: what a
+                    resume must match, checked before DeepSpeed reads anything)
   latest, best      text files naming a step folder (DeepSpeed's own `latest` convention, so
                     `zero_to_fp32.py` and `engine.load_checkpoint(dir)` read them too)
 
@@ -12,6 +14,7 @@ previous `latest` pointing at a complete folder; stale `.tmp-*` folders are remo
 Folders referenced by neither pointer are deleted after the pointers move.
 Multi-node runs need RUN on a file system every node sees (as DeepSpeed's own checkpointing does).
 """
+import json
 import os
 import random
 import shutil
@@ -65,8 +68,14 @@ def _barrier():
         dist.barrier()
 
 
+def read_layout(ckpt_dir: Path, tag: str) -> Optional[dict]:
+    """The layout a step folder was written with, or None (a checkpoint from before layouts were kept)."""
+    p = Path(ckpt_dir) / tag / "layout.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
-         best: bool = False, written: bool = False) -> str:
+         best: bool = False, written: bool = False, layout: Optional[dict] = None) -> str:
     """Collective (every rank calls it): write step `step` atomically and move the pointers.
 
     `written`: this process already saved this very step (epoch end, then end of training): only the
@@ -83,6 +92,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
         _barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
+        if rank == 0 and layout is not None:
+            (ckpt_dir / tmp_tag / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
         _barrier()  # every rank's files are on disk before the folder becomes visible
         if rank == 0:
             if final.exists():  # stale, from a crashed run: move it aside first, so a crash here loses nothing
@@ -110,7 +121,7 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than were saved: those keep their seeds
+    if rng_file.is_file():  # absent only in a checkpoint without layout.json, resumed on more ranks
         # our own file, holding numpy's RNG tuple: not loadable with weights_only=True
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return client_state or {}

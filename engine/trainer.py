@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -347,6 +348,9 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (nothing to resume)")
     if not resume and (run / "metrics.jsonl").exists():
         raise ConfigError(f"--out: {run} already holds a run; pass --resume to continue it or choose another --out")
+    layout = run_layout(cfg, d.world)
+    if resume:
+        check_layout(checkpoint.read_layout(ckpt_dir, resume_tag), layout, ckpt_dir / resume_tag)
     ds_config = deepspeed_config(cfg, d.world)
     init_process_group(d)
     deepspeed = _import_deepspeed()
@@ -395,7 +399,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
         if not _params_finite(engine):  # never write a non-finite checkpoint
             raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; checkpoint not written")
         tag = checkpoint.save(engine, ckpt_dir, state["step"], client_state(), d.rank, best=best,
-                              written=state.get("saved_step") == state["step"])
+                              written=state.get("saved_step") == state["step"], layout=layout)
         state["saved_step"] = state["step"]
         return tag
 
@@ -517,6 +521,25 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
         _rank0_print(d, f"done: {state['step']} steps; best student val top-1 {state['best_top1']:.2f}% "
                         f"(teacher {t1:.2f}%); run folder {run}")
     return 0
+
+
+def run_layout(cfg: Config, world: int) -> dict:
+    """What a resume must match: the data order and position (world size, per-rank batch, accumulation
+    give the shards and the step count per epoch), and DeepSpeed's per-rank optimizer state (ZeRO stage,
+    precision)."""
+    return {"world size (processes)": world, "data.batch_size": cfg.data.batch_size,
+            "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+            "train.precision": cfg.train.precision}
+
+
+def check_layout(saved: Optional[dict], now: dict, folder: Path) -> None:
+    """One-line ConfigError naming the first field that differs from the checkpoint's (none: a checkpoint
+    written before layouts were kept, resumed as before)."""
+    for key, value in now.items():
+        if saved is not None and key in saved and saved[key] != value:
+            raise ConfigError(f"--resume: {key} is {value} but {folder} was written with {saved[key]}; a run "
+                              f"resumes only with the same world size, data.batch_size, train.grad_accum, "
+                              f"deepspeed.zero_stage and train.precision")
 
 
 def _end_of_epoch(epoch_done, state, t, total_steps, run_eval, save, d, pbar):

@@ -242,3 +242,31 @@ def test_a_stale_checkpoint_folder_of_the_same_step_is_replaced(tmp_path, write_
     assert not (stale / "left_by_a_crash.txt").exists()
     assert list(stale.rglob("*model_states.pt")) and (stale / "rng_rank0.pt").is_file()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp_path, capsys, write_config):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    args = ["train", "--config", cfg, "--out", str(run), "--set", "train.max_steps=2", "--set", "train.export=false"]
+    assert main(args) == 0
+    ckpt = run / "checkpoints"
+    tag = read_pointer(ckpt, "latest")
+    layout = json.loads((ckpt / tag / "layout.json").read_text())
+    assert layout == {"world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
+                      "deepspeed.zero_stage": 0, "train.precision": "fp32"}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "--resume", "--set", "train.grad_accum=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--resume: train.grad_accum is 2 but" in err and "written with 1" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_layout_check_names_the_world_size_and_accepts_old_checkpoints(tmp_path):
+    from engine.config import ConfigError
+    from engine.trainer import check_layout
+    now = {"world size (processes)": 2, "data.batch_size": 16}
+    check_layout(None, now, tmp_path)  # written before layouts were kept: resumed as before
+    check_layout(dict(now), now, tmp_path)
+    with pytest.raises(ConfigError, match=r"world size \(processes\) is 2 but .* written with 4"):
+        check_layout({"world size (processes)": 4, "data.batch_size": 16}, now, tmp_path)
