@@ -8,6 +8,7 @@ backend; on CUDA also the host's issue time of the fused call, device time from 
 roofline's base) and, for the headline shape, a per-launch profile of every backend.
 """
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -147,6 +148,8 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
             mem[backend] = peak_mem_mb(fn, device)
             if device.type == "cuda":
                 host[backend] = host_ms(fn, grads)
+                del fn  # its retained graph would bind the inputs' grad accumulation to this stream
+                gc.collect()
                 dev_ms[backend], err = try_cuda(lambda: graph_ms(lambda: mode_fn(make(inp, cfg, backend), mode),
                                                                  grads))
                 if err:

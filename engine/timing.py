@@ -55,40 +55,61 @@ def host_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), reps: 
 
 
 def graph_ms(make_fn: Callable[[], Callable[[], object]], grads: Sequence[torch.Tensor] = (),
-             calls: int = 10, replays: int = 20) -> float:
+             calls: int = 10, samples: int = 10, replays: int = 5) -> float:
     """Median device milliseconds per call: make_fn() built, warmed up and captured `calls` times into one
-    CUDA graph on a side stream, then replayed. Raises whatever the capture raises (e.g. a host sync).
+    CUDA graph on a side stream, then replayed `replays` times back to back per sample (so one graph
+    launch's host latency is spread over replays * calls calls). Raises whatever the capture raises.
 
     make_fn builds the callable on the capture stream because autograd runs every backward op on the
-    stream of its forward op: a graph built outside (the "backward" mode's retained graph) would
-    launch its backward on the default stream, outside the capture.
+    stream of its forward op. For the same reason the caller must have dropped every autograd graph it
+    built on another stream (e.g. the "backward" mode's retained one): while one is alive, the inputs'
+    gradient-accumulation nodes stay bound to that stream and the capture breaks.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         fn = make_fn()
         for _ in range(3):  # warm-up on this stream: compilation, autotuning and allocator pools
             clear_grads(grads)
             fn()
         side.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            for _ in range(calls):
-                clear_grads(grads)  # the gradients are then allocated from the graph's own pool
-                fn()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                for _ in range(calls):
+                    clear_grads(grads)  # the gradients are then allocated from the graph's own pool
+                    fn()
+        except Exception:
+            _release_failed_capture(pool)
+            raise
     torch.cuda.current_stream().wait_stream(side)
+    graph.replay()  # the first replay uploads the graph: not timed
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(replays):
+    times = []
+    for _ in range(samples):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        for _ in range(replays):
+            graph.replay()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
+        times.append(start.elapsed_time(end) / (replays * calls))
     clear_grads(grads)
     del graph
-    return statistics.median(samples)
+    return statistics.median(times)
+
+
+def _release_failed_capture(pool) -> None:
+    """After a failed capture, some torch versions (2.11 among them) leave the caching allocator routing
+    allocations to the graph's pool, and the next capture or empty_cache() then fails. Close the pool by
+    hand; best effort (private API: absent or already done elsewhere)."""
+    device = torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        try:
+            getattr(torch._C, name)(device, pool)
+        except (AttributeError, RuntimeError):
+            pass
 
 
 def launch_profile(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), calls: int = 5) -> dict:
@@ -107,6 +128,8 @@ def launch_profile(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (),
     clear_grads(grads)
     events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
               if e.device_type == DeviceType.CUDA]
+    if not events:  # CUPTI unavailable or taken by another profiler: say so instead of "0 launches"
+        raise RuntimeError("torch.profiler recorded no CUDA kernels (is CUPTI available?)")
     return per_launch(events, calls)
 
 
@@ -141,9 +164,19 @@ def per_launch(events: List[Tuple[str, float, float]], calls: int) -> dict:
 
 def try_cuda(measure: Callable[[], object]) -> Tuple[Optional[object], Optional[str]]:
     """(result, None), or (None, a one-line reason) when a CUDA-only measurement fails (a capture refused
-    by a backend): the table shows "-" and the JSON keeps the reason instead of the run dying."""
+    by a backend): the table shows "-" and the JSON keeps the reason instead of the run dying. The reason
+    is the first cause in the chain (a failed capture_end reports "previous error during capture")."""
     try:
         return measure(), None
     except Exception as exc:  # noqa: BLE001 -- reported, not swallowed: it lands in the results JSON
-        torch.cuda.synchronize()
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 -- a sticky error: the next CUDA call will say so loudly
+            pass
+        cause = exc
+        for _ in range(8):  # a bounded walk: chains are short, and must not cycle
+            if cause.__context__ is None:
+                break
+            cause = cause.__context__
+        text = str(cause).splitlines()[0] if str(cause) else ""
+        return None, f"{type(cause).__name__}: {text}"[:300]

@@ -532,14 +532,14 @@ def run_layout(cfg: Config, world: int) -> dict:
             "train.precision": cfg.train.precision}
 
 
-def check_layout(saved: Optional[dict], now: dict, folder: Path) -> None:
-    """One-line ConfigError naming the first field that differs from the checkpoint's (none: a checkpoint
-    written before layouts were kept, resumed as before)."""
+def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--resume",
+                 why: str = "a run resumes only with the same world size, data.batch_size, train.grad_accum, "
+                            "deepspeed.zero_stage and train.precision") -> None:
+    """One-line ConfigError naming the first field of `now` that differs from the checkpoint's (none: a
+    checkpoint written before layouts were kept, loaded as before)."""
     for key, value in now.items():
         if saved is not None and key in saved and saved[key] != value:
-            raise ConfigError(f"--resume: {key} is {value} but {folder} was written with {saved[key]}; a run "
-                              f"resumes only with the same world size, data.batch_size, train.grad_accum, "
-                              f"deepspeed.zero_stage and train.precision")
+            raise ConfigError(f"{flag}: {key} is {value} but {folder} was written with {saved[key]}; {why}")
 
 
 def _end_of_epoch(epoch_done, state, t, total_steps, run_eval, save, d, pbar):
@@ -553,13 +553,26 @@ def _end_of_epoch(epoch_done, state, t, total_steps, run_eval, save, d, pbar):
 
 
 def _student_state_dict(engine, zero_stage: int, rank: int) -> dict:
-    """The timm student's full state dict on rank 0 (ZeRO-3 gathers the partitions; collective)."""
+    """The timm student's full state dict on rank 0 ({} on the others); collective (every rank calls it).
+
+    Parameters are the fp32 master weights wherever DeepSpeed keeps them (16-bit training under ZeRO or
+    its bf16 optimizer), not the 16-bit copies the model computes with: a bf16 copy keeps 8 bits of
+    mantissa. Buffers (BatchNorm statistics) are the module's own. ZeRO-3 gathers its partitions."""
+    from deepspeed.utils import safe_get_full_fp32_param
     student = engine.module.student.model
+    masters = {name: safe_get_full_fp32_param(p) for name, p in student.named_parameters()}  # collective
     if zero_stage == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in student.state_dict().items()} if rank == 0 else {}
-    return student.state_dict() if rank == 0 else {}
+            sd = {k: v.detach().clone() for k, v in student.state_dict().items()} if rank == 0 else {}
+    else:
+        sd = dict(student.state_dict()) if rank == 0 else {}
+    if rank != 0:
+        return {}
+    for name, master in masters.items():
+        if master is not None and name in sd:
+            sd[name] = master.detach().float()
+    return sd
 
 
 def _export(cfg: Config, engine, run: Path, d: Dist, classes, stem="student"):
@@ -602,8 +615,19 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                                                config=ds_config, dist_init_required=False)
         if cfg.deepspeed.zero_stage == 3:
             module.register_zero3_external()
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
-                                         load_optimizer_states=False, load_lr_scheduler_states=False)
+        # With the layout it was written with, the optimizer state loads too: the export then holds the fp32
+        # master weights, and ZeRO-3 (whose weights live in the optimizer partitions) loads at all.
+        # Otherwise the module's weights alone (ZeRO <= 2), on any number of processes.
+        saved, now = checkpoint.read_layout(ckpt_dir, tag), run_layout(cfg, d.world)
+        keys = ("world size (processes)", "deepspeed.zero_stage", "train.precision")
+        full = saved is not None and all(saved.get(k) == now[k] for k in keys)
+        if not full and 3 in (cfg.deepspeed.zero_stage, (saved or {}).get("deepspeed.zero_stage")):
+            check_layout(saved, {k: now[k] for k in keys}, ckpt_dir / tag, "--checkpoint",
+                         "a ZeRO-3 checkpoint loads only with the run's config and world size (or evaluate "
+                         "the run's exported student.safetensors)")
+            full = True  # a checkpoint from before layout.json: try
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not full,
+                                         load_optimizer_states=full, load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"--checkpoint: DeepSpeed found no checkpoint at {ckpt_dir / tag}")
         dtype = _input_dtype(engine)

@@ -119,3 +119,17 @@ def test_fused_launches_are_named_after_the_plan():
     assert [x.get("plan") for x in launches] == ["z_gemm", "row", None, "dx_gemm", "dw_gemm"]
     assert launches[0]["tflops"] == pytest.approx(100.0) and launches[0]["gbps"] == pytest.approx(100.0)
     assert launches[4]["tflops"] == pytest.approx(50.0) and launches[1]["gbps"] == pytest.approx(1000.0)
+
+
+def test_try_cuda_reports_the_first_cause_in_one_line():
+    from engine.timing import try_cuda
+
+    def capture():
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    assert try_cuda(lambda: 1.5) == (1.5, None)
+    value, reason = try_cuda(capture)
+    assert value is None and reason == "RuntimeError: operation not permitted when stream is capturing"
