@@ -21,14 +21,20 @@ mkdir -p "$dest"
 
 timeout 100 python -m engine.cli verify > "$dest/verify.txt" 2>&1
 verify_rc=$?
-timeout 300 python -m engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
+timeout 330 python -m engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
 bench_rc=$?
-timeout 80 python -m pytest tests/kernels/test_triton_kernels.py tests/kernels/test_triton_backend.py -q \
+timeout 60 python -m pytest tests/kernels/test_triton_kernels.py tests/kernels/test_triton_backend.py -q \
   -p no:cacheprovider > "$dest/pytest_kernels.txt" 2>&1
 tests_rc=$?
 
 echo "== machine"; cat "$dest/machine.txt"
 echo "== kernel tests on CUDA (exit $tests_rc)"; tail -n 4 "$dest/pytest_kernels.txt"
 echo "== hcd verify (exit $verify_rc)"; grep -E "FAIL|imagenet|all outputs|error" "$dest/verify.txt" | tail -n 30
-echo "== hcd bench (exit $bench_rc)"; grep -v "it/s" "$dest/bench.txt" | tail -n 60
+echo "== hcd bench (exit $bench_rc)"
+if [ "$bench_rc" -eq 0 ]; then
+  tr '\r' '\n' < "$dest/bench.txt" | grep -v -E "it/s|s/it" | tail -n 60
+else  # cut short or failed: its last lines, then the rows it wrote (the JSON is rewritten after each row)
+  tr '\r' '\n' < "$dest/bench.txt" | grep -v -E "it/s|s/it" | tail -n 8
+  for f in "$dest"/*.json; do [ -f "$f" ] && python -m engine.cli bench --report "$f"; done
+fi
 [ "$verify_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -347,7 +348,8 @@ def kernel_plan(device, quick):
     """(kind, shape, dtype, mode, backends) for every row that fits this machine."""
     plan = []
     if device.type == "cuda":
-        shapes = GPU_SHAPES if not quick else [s for s in GPU_SHAPES if s.n == 4]
+        # the headline ImageNet shape first: a run cut short by a time limit has measured it
+        shapes = sorted(GPU_SHAPES if not quick else [s for s in GPU_SHAPES if s.n == 4], key=lambda s: -s.B * s.C)
         dtypes = ("bf16", "fp32") if quick else ("bf16", "fp16", "fp32")
         for shape in shapes:
             for dt in dtypes:
@@ -369,6 +371,8 @@ def kernel_plan(device, quick):
 
 def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
               steps: bool = True, loader: bool = True) -> int:
+    """Run what fits this machine, rewriting the results JSON after every row ("complete": false until the
+    end), so a run cut short by a time limit keeps what it measured (`hcd bench --report FILE` prints it)."""
     from engine.verify import resolve_device
     name = resolve_device(device, "bench")
     if name is None:
@@ -376,28 +380,59 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     dev = torch.device(name)
     from tqdm import tqdm
     plan = kernel_plan(dev, quick)
-    rows = [bench_kernel_row(kind, shape, dt, mode, dev, quick, backends)
-            for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False)]
-    prof = profile_rows(dev)
-    step = bench_step_rows(dev, quick) if steps else []
-    loads = loader_rows(quick) if loader and dev.type == "cpu" else []
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "kernel": rows, "profile": prof, "step": step, "loader": loads}
+              "versions": versions(), "complete": False, "kernel": [], "profile": [], "step": [], "loader": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{device_name(dev).replace(' ', '_')}-{result['date']}.json"
-    tmp = out / (name + ".tmp")
+    path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}.json"
+    for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False):
+        result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends))
+        _write_json(path, result)
+    result["profile"] = profile_rows(dev)
+    _write_json(path, result)
+    if steps:
+        result["step"] = bench_step_rows(dev, quick)
+        _write_json(path, result)
+    if loader and dev.type == "cpu":
+        result["loader"] = loader_rows(quick)
+    result["complete"] = True
+    _write_json(path, result)
+    print(report(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def _write_json(path: Path, result: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / name)
-    print(format_table(rows))
-    if prof:
-        print(format_profile(prof))
-    if step:
-        print(format_step_table(step))
-    if loads:
-        print("\n".join(f"loader {r['loader']:6} {r['split']:5} {r['images_per_s']:7.0f} img/s "
-                        f"({r['workers']} workers)" for r in loads))
-    print(f"wrote {out / name}")
+    os.replace(tmp, path)
+
+
+def report(result: dict) -> str:
+    """Every table of one results JSON."""
+    parts = [format_table(result["kernel"])] if result.get("kernel") else []
+    if result.get("profile"):
+        parts.append(format_profile(result["profile"]))
+    if result.get("step"):
+        parts.append(format_step_table(result["step"]))
+    if result.get("loader"):
+        parts.append("\n".join(f"loader {r['loader']:6} {r['split']:5} {r['images_per_s']:7.0f} img/s "
+                               f"({r['workers']} workers)" for r in result["loader"]))
+    if result.get("complete") is False:
+        parts.append("(incomplete: the run stopped before its last section)")
+    return "\n".join(parts)
+
+
+def run_report(path: str) -> int:
+    """`hcd bench --report FILE`: print the tables of a results JSON."""
+    p = Path(path)
+    try:
+        result = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"hcd bench: error: --report {path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result.get('device')}  commit {result.get('commit')}  {result.get('date')}")
+    print(report(result))
     return 0
 
 

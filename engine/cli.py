@@ -28,7 +28,9 @@ def _verify(args):
 
 
 def _bench(args):
-    from engine.bench import run_bench
+    from engine.bench import run_bench, run_report
+    if args.report:
+        return run_report(args.report)
     return run_bench(device=args.device, out_dir=args.out, quick=args.quick)
 
 
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     b.add_argument("--out", default="bench/results", help="folder for the results JSON")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    b.add_argument("--report", metavar="FILE", default=None,
+                   help="print the tables of a results JSON (also one cut short) instead of running")
     b.set_defaults(func=_bench)
 
     d = sub.add_parser("data-check", help="decode every image of a dataset folder and report bad files")

@@ -28,8 +28,21 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
     assert all(r["ms"] > 0 for r in res["step"])
     assert {(r["loader"], r["split"]) for r in res["loader"]} >= {("torch", "train"), ("torch", "val")}
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in res["loader"])
+    assert res["complete"] is True
     out = capsys.readouterr().out
     assert "eag/fus" in out and "vs KD" in out and str(files[0]) in out
+    # --report prints the same tables from the file; a run cut short says so
+    from engine.cli import main
+    assert main(["bench", "--report", str(files[0])]) == 0
+    again = capsys.readouterr().out
+    assert format_table(res["kernel"]) in again and "vs KD" in again and "incomplete" not in again
+    res["complete"], res["step"] = False, []
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(res))
+    assert main(["bench", "--report", str(cut)]) == 0
+    assert "(incomplete: the run stopped before its last section)" in capsys.readouterr().out
+    assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
+    assert "--report" in capsys.readouterr().err
 
 
 def test_cost_model_counts_the_three_gemms():
