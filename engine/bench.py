@@ -131,7 +131,7 @@ def _backends(device):
 
 
 def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, quick=False,
-                     backends=None) -> dict:
+                     backends=None, fresh_compile=True) -> dict:
     """One table row: launch-inclusive medians per backend (and on CUDA: device time per backend from
     CUDA-graph replay, the fused call's host issue time), the fused path's TFLOP/s, GB/s and roofline
     fraction on both time bases, peak memory."""
@@ -141,7 +141,8 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     make = head_loss_fn if kind == "head" else student_loss_fn
     grads = grad_tensors(inp)
     ms, mem, dev_ms, host, errors = {}, {}, {}, {}, {}
-    torch._dynamo.reset()  # one compiled graph per row: past dynamo's recompile limit it would run eagerly
+    if fresh_compile:
+        torch._dynamo.reset()
     for backend in backends or _backends(device):
         with _no_donated_buffers():
             fn = mode_fn(make(inp, cfg, backend), mode)
@@ -344,19 +345,22 @@ def format_profile(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def kernel_plan(device, quick):
-    """(kind, shape, dtype, mode, backends) for every row that fits this machine."""
+def kernel_plan(device, quick, dtypes: Optional[List[str]] = None, ns: Optional[List[int]] = None):
+    """(kind, shape, dtype, mode, backends) for every row that fits this machine; dtypes / ns (CUDA) keep
+    only those dtypes / those n of the head (a GPU plan in parts, each within one call's time limit)."""
     plan = []
     if device.type == "cuda":
+        shapes = GPU_SHAPES if not quick else [s for s in GPU_SHAPES if s.n == 4]
         # the headline ImageNet shape first: a run cut short by a time limit has measured it
-        shapes = sorted(GPU_SHAPES if not quick else [s for s in GPU_SHAPES if s.n == 4], key=lambda s: -s.B * s.C)
-        dtypes = ("bf16", "fp32") if quick else ("bf16", "fp16", "fp32")
+        shapes = sorted([s for s in shapes if ns is None or s.n in ns], key=lambda s: -s.B * s.C)
+        dts = [d for d in (("bf16", "fp32") if quick and dtypes is None else ("bf16", "fp16", "fp32"))
+               if dtypes is None or d in dtypes]
         for shape in shapes:
-            for dt in dtypes:
+            for dt in dts:
                 for mode in MODES:
                     plan.append(("head", shape, dt, mode, None))
         for shape in STUDENT_SHAPES:
-            for dt in dtypes:
+            for dt in dts:
                 plan.append(("student", shape, dt, "full", None))
         return plan
     shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
@@ -370,7 +374,8 @@ def kernel_plan(device, quick):
 
 
 def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
-              steps: bool = True, loader: bool = True) -> int:
+              steps: bool = True, loader: bool = True, dtypes: Optional[List[str]] = None,
+              ns: Optional[List[int]] = None) -> int:
     """Run what fits this machine, rewriting the results JSON after every row ("complete": false until the
     end), so a run cut short by a time limit keeps what it measured (`hcd bench --report FILE` prints it)."""
     from engine.verify import resolve_device
@@ -379,18 +384,30 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
         return 2
     dev = torch.device(name)
     from tqdm import tqdm
-    plan = kernel_plan(dev, quick)
+    bad = [d for d in dtypes or () if d not in DTYPES] + [str(n) for n in ns or () if n < 1]
+    if bad:
+        print(f"hcd bench: error: --dtype/--n: {', '.join(bad)} not among {', '.join(DTYPES)} / positive n",
+              file=sys.stderr)
+        return 2
+    plan = kernel_plan(dev, quick, dtypes, ns)
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
               "versions": versions(), "complete": False, "kernel": [], "profile": [], "step": [], "loader": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}.json"
+    part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns)) if v)
+    path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}{part}.json"
+    group = None
     for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False):
-        result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends))
+        # torch.compile's graphs are shared by the modes of one (kernel, shape, dtype); dynamo's cache is
+        # cleared between groups (past its recompile limit it would silently run eagerly)
+        fresh = group != (kind, shape, dt)
+        group = (kind, shape, dt)
+        result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends, fresh_compile=fresh))
         _write_json(path, result)
-    result["profile"] = profile_rows(dev)
+    subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
+    result["profile"] = [] if subset else profile_rows(dev)
     _write_json(path, result)
-    if steps:
+    if steps and not subset:
         result["step"] = bench_step_rows(dev, quick)
         _write_json(path, result)
     if loader and dev.type == "cpu":

@@ -27,11 +27,22 @@ def _verify(args):
     return run_verify(device=args.device, quick=args.quick)
 
 
+def _str_list(value):
+    return [v for v in value.split(",") if v]
+
+
+def _int_list(value):
+    return [int(v) for v in value.split(",") if v]
+
+
+_int_list.__name__ = "comma-separated integer list"  # argparse names the type in its error
+
+
 def _bench(args):
     from engine.bench import run_bench, run_report
     if args.report:
         return run_report(args.report)
-    return run_bench(device=args.device, out_dir=args.out, quick=args.quick)
+    return run_bench(device=args.device, out_dir=args.out, quick=args.quick, dtypes=args.dtype, ns=args.n)
 
 
 def _data_check(args):
@@ -80,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     b.add_argument("--out", default="bench/results", help="folder for the results JSON")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    b.add_argument("--dtype", type=_str_list, default=None, metavar="LIST",
+                   help="kernel rows of these dtypes only, e.g. fp16 or bf16,fp32 (CUDA plan; with --dtype or "
+                        "--n the profile and the steps are left out)")
+    b.add_argument("--n", type=_int_list, default=None, metavar="LIST",
+                   help="head rows with these n_sublogits only, e.g. 2,8 (CUDA plan)")
     b.add_argument("--report", metavar="FILE", default=None,
                    help="print the tables of a results JSON (also one cut short) instead of running")
     b.set_defaults(func=_bench)

@@ -146,3 +146,17 @@ def test_try_cuda_reports_the_first_cause_in_one_line():
     assert try_cuda(lambda: 1.5) == (1.5, None)
     value, reason = try_cuda(capture)
     assert value is None and reason == "RuntimeError: operation not permitted when stream is capturing"
+
+
+def test_gpu_plan_parts_and_order():
+    import torch
+    from engine.bench import kernel_plan
+    cuda = torch.device("cuda")  # the plan only: nothing runs
+    full = kernel_plan(cuda, quick=False)
+    assert len(full) == 6 * 3 * 3 + 2 * 3  # shapes x dtypes x modes (head) + student shapes x dtypes
+    assert full[0][1].C == 1000 and full[0][2] == "bf16"  # the headline shape first
+    quick = kernel_plan(cuda, quick=True)
+    assert {r[2] for r in quick} == {"bf16", "fp32"} and {r[1].n for r in quick if r[0] == "head"} == {4}
+    part = kernel_plan(cuda, quick=False, dtypes=["fp16"], ns=[2, 8])
+    assert {r[2] for r in part} == {"fp16"} and {r[1].n for r in part if r[0] == "head"} == {2, 8}
+    assert len(part) == 4 * 3 + 2 and part[0][1].C == 1000
