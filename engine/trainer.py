@@ -337,10 +337,12 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if len(train_loader.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but the data has "
                           f"{len(train_loader.classes)} classes")
-    steps_per_epoch = len(train_loader) // t.grad_accum
-    if steps_per_epoch == 0:
+    if t.grad_accum > len(train_loader):
         raise ConfigError(f"train.grad_accum: {t.grad_accum} exceeds the {len(train_loader)} batches per epoch")
-    total_steps = steps_per_epoch * t.epochs
+    # Accumulation windows run across epoch ends, so every epoch's batches are used even when grad_accum
+    # does not divide them; steps per epoch is then fractional (the schedule converts epochs with it).
+    steps_per_epoch = len(train_loader) / t.grad_accum
+    total_steps = len(train_loader) * t.epochs // t.grad_accum
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     resume_tag = checkpoint.read_pointer(ckpt_dir, "latest") if resume else None

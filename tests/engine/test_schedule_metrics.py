@@ -63,3 +63,10 @@ def test_read_metrics_drops_a_truncated_last_line_only(tmp_path):
     p.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
     with pytest.raises(ValueError):
         read_metrics(p)  # damage in the middle is not silently skipped
+
+
+def test_fractional_steps_per_epoch_count_epochs_by_steps_taken():
+    # 7 batches per epoch with accumulation 2: 3.5 optimizer steps per epoch
+    step = _kw(name="step", warmup_epochs=0, steps_per_epoch=3.5, step_epochs=1)
+    assert [lr_multiplier(s, **step) for s in (0, 3, 4, 6, 7)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert warmup_steps(3.5, 1.0) == 4 and warmup_steps(3.5, 2.0) == 7

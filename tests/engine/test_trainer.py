@@ -288,3 +288,14 @@ def test_layout_check_names_the_world_size_and_accepts_old_checkpoints(tmp_path)
     check_layout(dict(now), now, tmp_path)
     with pytest.raises(ConfigError, match=r"world size \(processes\) is 2 but .* written with 4"):
         check_layout({"world size (processes)": 4, "data.batch_size": 16}, now, tmp_path)
+
+
+def test_accumulation_that_does_not_divide_the_epoch_still_trains_every_epoch(tmp_path, write_config, train_rows):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    # 6 batches per epoch, windows of 4: epoch 1 ends inside the second window, which finishes in epoch 2
+    assert main(["train", "--config", cfg, "--out", str(run), "--set", "train.grad_accum=4",
+                 "--set", "train.export=false"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # 12 batches / 4
+    assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"] == [(1, 2), (2, 3)]
