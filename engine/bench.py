@@ -376,14 +376,19 @@ def kernel_plan(device, quick, dtypes: Optional[List[str]] = None, ns: Optional[
 def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
               steps: bool = True, loader: bool = True, dtypes: Optional[List[str]] = None,
               ns: Optional[List[int]] = None) -> int:
-    """Run what fits this machine, rewriting the results JSON after every row ("complete": false until the
-    end), so a run cut short by a time limit keeps what it measured (`hcd bench --report FILE` prints it)."""
+    """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
+    every row ("complete": false), so a run cut short by a time limit keeps what it measured (`hcd bench
+    --report FILE` prints it) and never replaces a finished file."""
     from engine.verify import resolve_device
     name = resolve_device(device, "bench")
     if name is None:
         return 2
     dev = torch.device(name)
     from tqdm import tqdm
+    if (dtypes or ns) and dev.type != "cuda":
+        print("hcd bench: error: --dtype/--n select parts of the CUDA plan; the CPU plan is small enough to run "
+              "whole", file=sys.stderr)
+        return 2
     bad = [d for d in dtypes or () if d not in DTYPES] + [str(n) for n in ns or () if n < 1]
     if bad:
         print(f"hcd bench: error: --dtype/--n: {', '.join(bad)} not among {', '.join(DTYPES)} / positive n",
@@ -396,6 +401,7 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     out.mkdir(parents=True, exist_ok=True)
     part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns)) if v)
     path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}{part}.json"
+    partial = path.with_name(path.stem + ".partial.json")  # until complete: never replaces a finished file
     group = None
     for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False):
         # torch.compile's graphs are shared by the modes of one (kernel, shape, dtype); dynamo's cache is
@@ -403,17 +409,18 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
         fresh = group != (kind, shape, dt)
         group = (kind, shape, dt)
         result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends, fresh_compile=fresh))
-        _write_json(path, result)
+        _write_json(partial, result)
     subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
     result["profile"] = [] if subset else profile_rows(dev)
-    _write_json(path, result)
+    _write_json(partial, result)
     if steps and not subset:
         result["step"] = bench_step_rows(dev, quick)
-        _write_json(path, result)
+        _write_json(partial, result)
     if loader and dev.type == "cpu":
         result["loader"] = loader_rows(quick)
     result["complete"] = True
     _write_json(path, result)
+    partial.unlink(missing_ok=True)
     print(report(result))
     print(f"wrote {path}")
     return 0
@@ -447,6 +454,10 @@ def run_report(path: str) -> int:
         result = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         print(f"hcd bench: error: --report {path}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(result, dict) or not isinstance(result.get("kernel"), list):
+        print(f"hcd bench: error: --report {path}: not an hcd bench results file (no \"kernel\" list)",
+              file=sys.stderr)
         return 2
     print(f"{result.get('device')}  commit {result.get('commit')}  {result.get('date')}")
     print(report(result))

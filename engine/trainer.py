@@ -483,6 +483,8 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                     pbar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                     sums, n_micro, t_log = None, 0, time.perf_counter()
 
+                if pending is not None and state["step"] >= total_steps:
+                    pending = None  # the run's last step: evaluated below, labelled with the epochs it used
                 if pending is not None:  # the epoch ended inside an accumulation window
                     _end_of_epoch(pending, state, t, total_steps, run_eval, save, d, pbar)
                     pending, t_log = None, time.perf_counter()
@@ -528,15 +530,15 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
 def run_layout(cfg: Config, world: int) -> dict:
     """What a resume must match: the data order and position (world size, per-rank batch, accumulation
     give the shards and the step count per epoch), and DeepSpeed's per-rank optimizer state (ZeRO stage,
-    precision)."""
+    precision, optimizer)."""
     return {"world size (processes)": world, "data.batch_size": cfg.data.batch_size,
             "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-            "train.precision": cfg.train.precision}
+            "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
 
 
 def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--resume",
                  why: str = "a run resumes only with the same world size, data.batch_size, train.grad_accum, "
-                            "deepspeed.zero_stage and train.precision") -> None:
+                            "deepspeed.zero_stage, train.precision and optim.name") -> None:
     """One-line ConfigError naming the first field of `now` that differs from the checkpoint's (none: a
     checkpoint written before layouts were kept, loaded as before)."""
     for key, value in now.items():
@@ -621,7 +623,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
         # master weights, and ZeRO-3 (whose weights live in the optimizer partitions) loads at all.
         # Otherwise the module's weights alone (ZeRO <= 2), on any number of processes.
         saved, now = checkpoint.read_layout(ckpt_dir, tag), run_layout(cfg, d.world)
-        keys = ("world size (processes)", "deepspeed.zero_stage", "train.precision")
+        keys = ("world size (processes)", "deepspeed.zero_stage", "train.precision", "optim.name")
         full = saved is not None and all(saved.get(k) == now[k] for k in keys)
         if not full and 3 in (cfg.deepspeed.zero_stage, (saved or {}).get("deepspeed.zero_stage")):
             check_layout(saved, {k: now[k] for k in keys}, ckpt_dir / tag, "--checkpoint",

@@ -43,6 +43,13 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
     assert "(incomplete: the run stopped before its last section)" in capsys.readouterr().out
     assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
     assert "--report" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert main(["bench", "--report", str(tmp_path / "other.json")]) == 2
+    assert "not an hcd bench results file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial.json"))  # the finished run replaced its partial file
+    # parts of the plan are a CUDA notion: refused on CPU rather than silently ignored
+    assert main(["bench", "--device", "cpu", "--n", "2", "--out", str(tmp_path)]) == 2
+    assert "--dtype/--n" in capsys.readouterr().err
 
 
 def test_cost_model_counts_the_three_gemms():

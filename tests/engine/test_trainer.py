@@ -271,7 +271,7 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
     tag = read_pointer(ckpt, "latest")
     layout = json.loads((ckpt / tag / "layout.json").read_text())
     assert layout == {"world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
-                      "deepspeed.zero_stage": 0, "train.precision": "fp32"}
+                      "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd"}
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main([*args, "--resume", "--set", "train.grad_accum=2"]) == 2
@@ -299,3 +299,13 @@ def test_accumulation_that_does_not_divide_the_epoch_still_trains_every_epoch(tm
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # 12 batches / 4
     assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"] == [(1, 2), (2, 3)]
+
+
+def test_a_last_step_inside_an_epoch_is_evaluated_as_a_fractional_epoch(tmp_path, write_config):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    # windows of 5 over 2 x 6 batches: 2 steps; the second ends at batch 4 of epoch 2 (10 of 12 batches used)
+    assert main(["train", "--config", cfg, "--out", str(run), "--set", "train.grad_accum=5",
+                 "--set", "train.export=false"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"] == [(pytest.approx(1 + 4 / 6, abs=1e-4), 2)]
