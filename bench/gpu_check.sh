@@ -23,8 +23,10 @@ timeout 100 python -m engine.cli verify > "$dest/verify.txt" 2>&1
 verify_rc=$?
 timeout 330 python -m engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
 bench_rc=$?
-timeout 60 python -m pytest tests/kernels/test_triton_kernels.py tests/kernels/test_triton_backend.py -q \
-  -p no:cacheprovider > "$dest/pytest_kernels.txt" 2>&1
+# the cases only CUDA can check (bf16, unchecked labels, the frozen-operand launches); the rest of the
+# file runs in the interpreter on every CPU machine, and `hcd verify` covered fp32/fp16/bf16 above
+timeout 60 python -m pytest tests/kernels/test_triton_kernels.py -q -p no:cacheprovider \
+  -k "bf16 or out_of_range or frozen or parts" > "$dest/pytest_kernels.txt" 2>&1
 tests_rc=$?
 
 echo "== machine"; cat "$dest/machine.txt"
