@@ -91,6 +91,8 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # stop (checkpoint, exit 0) after this optimizer step without changing
                                         # the schedule: a pre-emption drill; continue with --resume
     export: bool = True                # write the student as safetensors + timm pretrained_cfg at the end
+    save_every_steps: Optional[int] = None  # also checkpoint every N optimizer steps inside epochs (a hard
+                                            # crash then loses at most N steps); epoch ends always checkpoint
 
 
 @dataclass
@@ -288,6 +290,8 @@ def validate(cfg: Config):
     need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
     need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     need(cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1, "train.stop_at_step", "must be >= 1 or null")
+    need(cfg.train.save_every_steps is None or cfg.train.save_every_steps >= 1, "train.save_every_steps",
+         "must be >= 1 or null")
     need(cfg.data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
     need(cfg.data.synthetic_val_size >= 1, "data.synthetic_val_size", "must be >= 1")
     need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size", "must be >= 1 or null")

@@ -494,6 +494,10 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                     stop_reason = "train.stop_at_step"
                 if stop_reason or state["step"] >= total_steps:
                     break
+                if (t.save_every_steps and state["step"] % t.save_every_steps == 0
+                        and state.get("saved_step") != state["step"] and state["batch"] < len(train_loader)):
+                    save()  # periodic, inside the epoch (an epoch's last batch is saved by its end instead)
+                    t_log = time.perf_counter()
             if state["batch"] >= len(train_loader):  # the epoch's batches are all used
                 state["epoch"] += 1
                 state["batch"] = 0

@@ -309,3 +309,34 @@ def test_a_last_step_inside_an_epoch_is_evaluated_as_a_fractional_epoch(tmp_path
                  "--set", "train.export=false"]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"] == [(pytest.approx(1 + 4 / 6, abs=1e-4), 2)]
+
+
+def test_periodic_checkpoints_bound_what_a_hard_crash_loses(tmp_path, monkeypatch, write_config, train_rows):
+    from engine import checkpoint, trainer
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saved.append((a[2], k.get("written"))) or real_save(*a, **k))
+    real = trainer.EngineModule.forward
+    calls = []
+
+    def forward(self, *a):
+        calls.append(1)
+        if len(calls) == 10:
+            raise RuntimeError("simulated hard crash (no signal, no checkpoint of its own)")
+        return real(self, *a)
+
+    monkeypatch.setattr(trainer.EngineModule, "forward", forward)
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    args = ["train", "--config", cfg, "--out", str(run), "--set", "train.export=false",
+            "--set", "train.save_every_steps=4"]
+    with pytest.raises(RuntimeError, match="simulated hard crash"):
+        main(args)
+    # 6 steps per epoch: periodic saves at 4 and 8, the epoch end at 6; the crash came in step 10
+    assert [s for s, written in saved if not written] == [4, 6, 8]
+    assert read_pointer(run / "checkpoints", "latest") == "step-00000008"
+    monkeypatch.setattr(trainer.EngineModule, "forward", real)
+    saved.clear()
+    assert main([*args, "--resume"]) == 0
+    assert [r["step"] for r in train_rows(run)] == list(range(1, 13))
+    assert [s for s, written in saved if not written] == [12]  # 12 is an epoch end: saved once, not twice
