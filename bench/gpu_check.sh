@@ -19,7 +19,7 @@ mkdir -p "$dest"
   date -u +%Y-%m-%dT%H:%MZ
 } > "$dest/machine.txt" 2>&1
 
-timeout 100 python -m engine.cli verify > "$dest/verify.txt" 2>&1
+timeout 100 python -m engine.cli verify --json "$dest/verify.json" > "$dest/verify.txt" 2>&1
 verify_rc=$?
 timeout 330 python -m engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
 bench_rc=$?
@@ -37,6 +37,8 @@ if [ "$bench_rc" -eq 0 ]; then
   tr '\r' '\n' < "$dest/bench.txt" | grep -v -E "it/s|s/it" | tail -n 60
 else  # cut short or failed: its last lines, then the rows it wrote (the JSON is rewritten after each row)
   tr '\r' '\n' < "$dest/bench.txt" | grep -v -E "it/s|s/it" | tail -n 8
-  for f in "$dest"/*.json; do [ -f "$f" ] && python -m engine.cli bench --report "$f"; done
+  for f in "$dest"/*.json; do
+    [ -f "$f" ] && [ "$(basename "$f")" != verify.json ] && python -m engine.cli bench --report "$f"
+  done
 fi
 [ "$verify_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]

@@ -24,7 +24,7 @@ def _eval(args):
 
 def _verify(args):
     from engine.verify import run_verify
-    return run_verify(device=args.device, quick=args.quick)
+    return run_verify(device=args.device, quick=args.quick, json_path=args.json)
 
 
 def _str_list(value):
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check the fused kernels against the float64 reference on this device")
     v.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     v.add_argument("--quick", action="store_true", help="small shapes only")
+    v.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the table as a JSON record (device, versions, commit, every output)")
     v.set_defaults(func=_verify)
 
     b = sub.add_parser("bench", help="benchmark fused vs eager vs torch.compile; writes bench/results/*.json")

@@ -4,7 +4,8 @@ CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp1
 under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
 TRITON_INTERPRET=1 itself, or re-runs `python -m engine.cli verify` in a child process when triton was
 already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
-kernels/compare.py. Imports only torch, triton (through kernels) and kernels: no DeepSpeed, DALI, timm.
+kernels/compare.py. Imports only torch, triton (through kernels), kernels and engine.bench's version helpers:
+no DeepSpeed, DALI, timm.
 """
 import os
 import subprocess
@@ -34,15 +35,18 @@ def resolve_device(device, command="verify"):
     return device
 
 
-def _reexec(device, quick, interpret):
+def _reexec(device, quick, interpret, json_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "engine.cli", "verify", "--device", device] + (["--quick"] if quick else [])
+    cmd += ["--json", json_path] if json_path else []
     return subprocess.call(cmd, env=env)
 
 
-def run_verify(device=None, quick=False) -> int:
+def run_verify(device=None, quick=False, json_path=None) -> int:
+    """Print the pass/fail table; with json_path also write it as a record (device, versions, commit, every
+    output's error and tolerance), written atomically at the end."""
     device = resolve_device(device)
     if device is None:
         return 2
@@ -50,7 +54,7 @@ def run_verify(device=None, quick=False) -> int:
     interpret = device == "cpu"
     if (os.environ.get("TRITON_INTERPRET") == "1") != interpret:
         if "triton" in sys.modules:  # too late to switch this process
-            return _reexec(device, quick, interpret)
+            return _reexec(device, quick, interpret, json_path)
         if interpret:
             os.environ["TRITON_INTERPRET"] = "1"
         else:
@@ -67,7 +71,7 @@ def run_verify(device=None, quick=False) -> int:
     header = f"{'shape':<9} {'loss':<8} {'dtype':<9} {'output':<6} {'max_abs':>10} {'max_rel':>10} {'tol':>10}  result"
     print(header)
     print("-" * len(header))
-    failed = 0
+    failed, record = 0, []
     for name, kw, in_quick in SHAPES:
         if quick and not in_quick:
             continue
@@ -79,10 +83,33 @@ def run_verify(device=None, quick=False) -> int:
                 secs = time.perf_counter() - t0
                 for i, r in enumerate(rows):
                     failed += not r.ok
+                    record.append({"shape": name, "case": case.label(), "loss": loss,
+                                   "dtype": str(dtype).replace("torch.", ""), "output": r.output,
+                                   "max_abs": r.max_abs, "max_rel": r.max_rel, "tol": r.tol, "ok": r.ok,
+                                   "seconds": secs if i == 0 else None})
                     tag = f"{'ok' if r.ok else 'FAIL'}" + (f"  ({secs:.1f}s)" if i == 0 else "")
                     print(f"{name:<9} {loss:<8} {str(dtype).replace('torch.', ''):<9} {r.output:<6} "
                           f"{r.max_abs:>10.3e} {r.max_rel:>10.3e} {r.tol:>10.3e}  {tag}")
     if quick:
         print("(--quick: the ImageNet shape B=256 C=1000 n=4 Dp=Dt=768 is skipped; run without --quick for it)")
     print(f"hcd verify: {'FAILED: ' + str(failed) + ' output(s) outside tolerance' if failed else 'all outputs pass'}")
+    if json_path:
+        _write_record(json_path, where, quick, failed, record)
     return 1 if failed else 0
+
+
+def _write_record(path, where, quick, failed, rows):
+    import datetime
+    import json
+    from pathlib import Path
+
+    from engine.bench import commit, versions
+    out = {"device": where, "commit": commit(), "date": datetime.date.today().isoformat(), "versions": versions(),
+           "rule": "max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64| (kernels/compare.py)",
+           "quick": quick, "passed": failed == 0, "failed": failed, "rows": rows}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, p)
+    print(f"wrote {p}")
