@@ -149,10 +149,11 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None, alpha=1.0, colsum=None,
-          dot_dtype=torch.float32, force_tf32=False):
+          dot_dtype=torch.float32, force_tf32=False, tile=None):
     """out = alpha * scale * (a1 @ b1 [+ a2 @ b2]) + bias, or with split_n: out = [a1 @ b1 | a1 @ b2].
 
     Operands are 2-D views with any strides (transposes are free). colsum receives scale * a1.sum(1).
+    tile = (BM, BN, BK, num_warps, num_stages) overrides the per-shape choice (bench/tile_sweep.py).
     """
     M, K1 = a1.shape
     N1 = b1.shape[1]
@@ -171,7 +172,7 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
         precision = "tf32" if (out.is_cuda and (force_tf32 or _tf32_allowed())) else "ieee"
     else:
         precision = "tf32"  # ignored for 16-bit operands
-    BM, BN, BK, warps = _tile(M, N1, N2, dot_dtype)
+    BM, BN, BK, warps, stages = tile or (*_tile(M, N1, N2, dot_dtype), _STAGES)
     grid = (cdiv(M, BM), cdiv(N1, BN) + cdiv(N2, BN))
     dummy = out  # placeholder pointer for absent optional operands (never read)
     _gemm_kernel[grid](
@@ -181,7 +182,7 @@ def _gemm(out, a1, b1, *, a2=None, b2=None, split_n=False, bias=None, scale=None
         a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
         b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
         SPLIT_N=split_n, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, COLSUM=colsum is not None,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=3)
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -201,6 +202,7 @@ def _tf32_allowed() -> bool:
 # (BM, BN, BK, warps), largest first. No autotuning: its first-call benchmarking would run inside a
 # training step (and inside CUDA-graph capture); these shapes are few and similar.
 _TILES_16 = ((64, 128, 64, 8), (64, 64, 64, 4), (32, 64, 64, 4))
+_STAGES = 3
 _TILES_32 = ((64, 64, 32, 4), (32, 64, 32, 4))
 
 
@@ -355,6 +357,24 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
 
 # ---------------------------------------------------------------------------------------------------
 
+def _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, *, teacher_grad, write_dz, num_warps=None):
+    """Launch 2 of the plan: one program per row over Z (B, n*C) fp32; num_warps overrides the choice
+    (bench/tile_sweep.py)."""
+    B, C = z_t.shape
+    n = cfg.n_sublogits
+    block_c = next_pow2(C)
+    _head_row_kernel[(B,)](
+        z, z_t, z_s, target, dz, dzl, partials,
+        B, C, n, float(cfg.student_scale), float(cfg.teacher_scale), float(cfg.label_smoothing),
+        1.0 / cfg.temperature, float(cfg.temperature), float(cfg.ol_threshold),
+        cfg.ce_weight / n, cfg.sublogit_kl_weight / n,
+        cfg.ol_weight / (n * (n - 1)) if n > 1 else 0.0,
+        float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
+        1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
+        KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=teacher_grad, WRITE_DZ=write_dz,
+        BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=num_warps or row_num_warps(2 * block_c))
+
+
 def _backward_dot(act):
     """GEMM operands of the backward: the fp32 dZ against 16-bit x / W as TF32 dots. fp16 and bf16 values
     are exact in TF32 (10-bit mantissa, 8-bit exponent), so the only rounding is dZ's to TF32 (2^-11
@@ -385,17 +405,7 @@ class _HCDHead(torch.autograd.Function):
         dz = torch.empty((B, n * C), dtype=torch.float32, device=dev) if need_dz else z
         dzl = torch.empty((2 if need[4] else 1, B, C), dtype=torch.float32, device=dev)
         partials = torch.empty((B, 4), dtype=torch.float32, device=dev)
-        block_c = next_pow2(C)
-        _head_row_kernel[(B,)](
-            z, z_t, z_s, target, dz, dzl, partials,
-            B, C, n, float(cfg.student_scale), float(cfg.teacher_scale), float(cfg.label_smoothing),
-            1.0 / cfg.temperature, float(cfg.temperature), float(cfg.ol_threshold),
-            cfg.ce_weight / n, cfg.sublogit_kl_weight / n,
-            cfg.ol_weight / (n * (n - 1)) if n > 1 else 0.0,
-            float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
-            1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
-            KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=bool(need[4]), WRITE_DZ=need_dz,
-            BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=row_num_warps(2 * block_c))
+        _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, teacher_grad=bool(need[4]), write_dz=need_dz)
 
         ctx.save_for_backward(x_s, x_t, weight, dz if need_dz else None, dzl)
         ctx.bias_dtype = bias.dtype if bias is not None else None
