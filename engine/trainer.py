@@ -613,16 +613,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
             raise ConfigError(f"--checkpoint: {p} is neither a checkpoints folder, a step-* folder nor a .safetensors file")
         if tag is None:
             raise ConfigError(f"--checkpoint: {p}/latest names no existing checkpoint")
-        teacher, distiller, mean, std = build_models(cfg, d.device)
-        _, val_loader = build_loaders(cfg, mean, std, d)
-        ds_config = deepspeed_config(cfg, d.world)
-        init_process_group(d)
-        deepspeed = _import_deepspeed()
-        module = EngineModule(distiller)
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
-                                               config=ds_config, dist_init_required=False)
-        if cfg.deepspeed.zero_stage == 3:
-            module.register_zero3_external()
         # With the layout it was written with, the optimizer state loads too: the export then holds the fp32
         # master weights, and ZeRO-3 (whose weights live in the optimizer partitions) loads at all.
         # Otherwise the module's weights alone (ZeRO <= 2), on any number of processes.
@@ -634,6 +624,16 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                          "a ZeRO-3 checkpoint loads only with the run's config and world size (or evaluate "
                          "the run's exported student.safetensors)")
             full = True  # a checkpoint from before layout.json: try
+        teacher, distiller, mean, std = build_models(cfg, d.device)
+        _, val_loader = build_loaders(cfg, mean, std, d)
+        ds_config = deepspeed_config(cfg, d.world)
+        init_process_group(d)
+        deepspeed = _import_deepspeed()
+        module = EngineModule(distiller)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
+                                               config=ds_config, dist_init_required=False)
+        if cfg.deepspeed.zero_stage == 3:
+            module.register_zero3_external()
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not full,
                                          load_optimizer_states=full, load_lr_scheduler_states=False)
         if path is None:
