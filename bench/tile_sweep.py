@@ -10,7 +10,6 @@ Feeds the per-shape choice in kernels/hcd_head.py (_tile, row_num_warps); run it
     python bench/tile_sweep.py [--out DIR]          (CUDA only; about a minute, most of it compiling)
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,13 +39,8 @@ def launches(dtype: torch.dtype, device) -> dict:
     x_s, x_t, w, b = inp["x_student"], inp["x_teacher"], inp["weight"], inp["bias"]
     B, Dp, N = x_s.shape[0], x_s.shape[1], w.shape[0]
     g = torch.tensor(1.0, device=device)
-    z = _gemm(torch.empty((B, N), dtype=torch.float32, device=device), x_s, w[:, :Dp].t(), a2=x_t,
-              b2=w[:, Dp:].t(), bias=b, dot_dtype=dtype)
-    dz = torch.empty_like(z)
     dzl = torch.empty((1, B, case.C), dtype=torch.float32, device=device)
     partials = torch.empty((B, 4), dtype=torch.float32, device=device)
-    _row_launch(z, inp["teacher_logits"], inp["student_logits"], inp["target"], dz, dzl, partials, cfg,
-                teacher_grad=False, write_dz=True)
     bwd = _backward_dot(dtype)
     fwd_tiles = TILES_16 if dtype != torch.float32 else TILES_32
     D = w.shape[1]
@@ -54,6 +48,15 @@ def launches(dtype: torch.dtype, device) -> dict:
     def z_gemm(tile):
         return _gemm(torch.empty((B, N), dtype=torch.float32, device=device), x_s, w[:, :Dp].t(), a2=x_t,
                      b2=w[:, Dp:].t(), bias=b, dot_dtype=dtype, tile=tile)
+
+    def row(warps):
+        out = torch.empty_like(z)
+        _row_launch(z, inp["teacher_logits"], inp["student_logits"], inp["target"], out, dzl, partials, cfg,
+                    teacher_grad=False, write_dz=True, num_warps=warps)
+        return out
+
+    z = z_gemm(None)  # the backward GEMMs' operands, made by the library's own choices
+    dz = row(None)
 
     def dx_gemm(tile):
         return _gemm(torch.empty((B, Dp), dtype=dtype, device=device), dz, w[:, :Dp], scale=g, alpha=1.0 / B,
@@ -64,17 +67,12 @@ def launches(dtype: torch.dtype, device) -> dict:
         return _gemm(torch.empty_like(w), dz.t(), x_s, b2=x_t, split_n=True, scale=g, alpha=1.0 / B,
                      colsum=db, tile=tile, **bwd)
 
-    def row(warps):
-        out = torch.empty_like(dz)
-        _row_launch(z, inp["teacher_logits"], inp["student_logits"], inp["target"], out, dzl, partials, cfg,
-                    teacher_grad=False, write_dz=True, num_warps=warps)
-        return out
-
     return {"z_gemm": (z_gemm, fwd_tiles, 2 * B * N * D), "dx_gemm": (dx_gemm, TILES_32, 2 * B * N * Dp),
             "dw_gemm": (dw_gemm, TILES_32, 2 * N * B * D), "row": (row, ROW_WARPS, None)}
 
 
 def sweep(device) -> list:
+    from engine.bench import per_second
     from engine.timing import graph_ms, try_cuda
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -92,7 +90,7 @@ def sweep(device) -> list:
                     us = ms * 1e3 if ms is not None else None
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "launch": name,
                              "candidate": "default" if cand is None else list(cand) if isinstance(cand, tuple) else cand,
-                             "us": us, "tflops": flops / (us * 1e-6) / 1e12 if us and flops else None,
+                             "us": us, "tflops": per_second(flops, us * 1e-3) if us and flops else None,
                              "matches_default": same, "error": err})
     return rows
 
@@ -129,13 +127,12 @@ def main(argv=None) -> int:
         return 2
     os.environ.pop("TRITON_INTERPRET", None)
     rows = sweep(torch.device("cuda"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from engine.bench import commit, versions
-    (out / "tile_sweep.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "commit": commit(), "versions": versions(), "rows": rows}, indent=1))
+    from engine.bench import commit, versions, write_json
+    path = Path(args.out) / "tile_sweep.json"
+    write_json(path, {"device": torch.cuda.get_device_name(), "commit": commit(), "versions": versions(),
+                      "rows": rows})
     print(format_rows(rows))
-    print(f"wrote {out / 'tile_sweep.json'}")
+    print(f"wrote {path}")
     return 0
 
 

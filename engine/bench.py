@@ -164,12 +164,12 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     fused, fused_dev = ms.get("triton"), dev_ms.get("triton")
     row = {"kernel": kind, "shape": shape_dict(shape), "dtype": dtype_name, "mode": mode,
            "eager_ms": ms.get("eager"), "compile_ms": ms.get("compile"), "fused_ms": fused,
-           "fused_tflops": _per_s(flops, fused) if not interp else None,
-           "fused_gbps": _per_s(nbytes_moved, fused, 1e9) if not interp else None,
+           "fused_tflops": per_second(flops, fused) if not interp else None,
+           "fused_gbps": per_second(nbytes_moved, fused, 1e9) if not interp else None,
            "peak_mem_mb": mem, "interpreter": interp}
     if device.type == "cuda":
         row.update({"host_ms": host, "device_ms": dev_ms, "device_errors": errors,
-                    "device_tflops": _per_s(flops, fused_dev), "device_gbps": _per_s(nbytes_moved, fused_dev, 1e9)})
+                    "device_tflops": per_second(flops, fused_dev), "device_gbps": per_second(nbytes_moved, fused_dev, 1e9)})
     roof = roofline_for(device)
     if roof:
         t_roof = max(flops / (roof["tflops"][dtype_name] * 1e12), nbytes_moved / (roof["gbps"] * 1e9))
@@ -178,7 +178,8 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     return row
 
 
-def _per_s(amount, ms, unit=1e12):
+def per_second(amount, ms, unit=1e12):
+    """amount / time in `unit`s per second (TFLOP/s by default), None without a time."""
     return amount / (ms * 1e-3) / unit if ms else None
 
 
@@ -227,8 +228,8 @@ def annotate_launches(launches: List[dict], costs: dict) -> None:
         if plan is None or k >= len(plan) or plan[k] not in costs or not launch["us"]:
             continue
         flops, nbytes = costs[plan[k]]
-        launch.update(plan=plan[k], tflops=flops / (launch["us"] * 1e-6) / 1e12,
-                      gbps=nbytes / (launch["us"] * 1e-6) / 1e9)
+        ms = launch["us"] * 1e-3
+        launch.update(plan=plan[k], tflops=per_second(flops, ms), gbps=per_second(nbytes, ms, 1e9))
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -409,24 +410,27 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
         fresh = group != (kind, shape, dt)
         group = (kind, shape, dt)
         result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends, fresh_compile=fresh))
-        _write_json(partial, result)
+        write_json(partial, result)
     subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
     result["profile"] = [] if subset else profile_rows(dev)
-    _write_json(partial, result)
+    write_json(partial, result)
     if steps and not subset:
         result["step"] = bench_step_rows(dev, quick)
-        _write_json(partial, result)
+        write_json(partial, result)
     if loader and dev.type == "cpu":
         result["loader"] = loader_rows(quick)
     result["complete"] = True
-    _write_json(path, result)
+    write_json(path, result)
     partial.unlink(missing_ok=True)
     print(report(result))
     print(f"wrote {path}")
     return 0
 
 
-def _write_json(path: Path, result: dict) -> None:
+def write_json(path: Path, result: dict) -> None:
+    """Atomically (a reader or a crash never sees half a file): a sibling .tmp, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)

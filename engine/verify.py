@@ -81,14 +81,14 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
                 t0 = time.perf_counter()
                 rows = check(case, cfg, dtype, device=device, backend="triton", grad_scale=2.5)
                 secs = time.perf_counter() - t0
+                dname = str(dtype).replace("torch.", "")
                 for i, r in enumerate(rows):
                     failed += not r.ok
-                    record.append({"shape": name, "case": case.label(), "loss": loss,
-                                   "dtype": str(dtype).replace("torch.", ""), "output": r.output,
+                    record.append({"shape": name, "case": case.label(), "loss": loss, "dtype": dname, "output": r.output,
                                    "max_abs": r.max_abs, "max_rel": r.max_rel, "tol": r.tol, "ok": r.ok,
                                    "seconds": secs if i == 0 else None})
                     tag = f"{'ok' if r.ok else 'FAIL'}" + (f"  ({secs:.1f}s)" if i == 0 else "")
-                    print(f"{name:<9} {loss:<8} {str(dtype).replace('torch.', ''):<9} {r.output:<6} "
+                    print(f"{name:<9} {loss:<8} {dname:<9} {r.output:<6} "
                           f"{r.max_abs:>10.3e} {r.max_rel:>10.3e} {r.tol:>10.3e}  {tag}")
     if quick:
         print("(--quick: the ImageNet shape B=256 C=1000 n=4 Dp=Dt=768 is skipped; run without --quick for it)")
@@ -100,16 +100,11 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
 
 def _write_record(path, where, quick, failed, rows):
     import datetime
-    import json
     from pathlib import Path
 
-    from engine.bench import commit, versions
+    from engine.bench import commit, versions, write_json
     out = {"device": where, "commit": commit(), "date": datetime.date.today().isoformat(), "versions": versions(),
            "rule": "max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64| (kernels/compare.py)",
            "quick": quick, "passed": failed == 0, "failed": failed, "rows": rows}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, p)
-    print(f"wrote {p}")
+    write_json(Path(path), out)
+    print(f"wrote {path}")
