@@ -12,8 +12,9 @@ import torch
 
 import kernels
 from engine.bench import STUDENT_SHAPES
+from engine.bench_shapes import headline_shape
 from kernels import HCDLossConfig, hcd_head_loss, student_loss
-from kernels.compare import Case, make_inputs
+from kernels.compare import make_inputs
 
 HEAD_ARGS = ("x_student", "x_teacher", "weight", "bias", "teacher_logits", "student_logits", "target")
 
@@ -33,7 +34,7 @@ def no_launches(monkeypatch):
 
 
 def test_head_forward_host(benchmark, no_launches):
-    case = Case(256, 1000, 4, 768, 768)
+    case = headline_shape()
     inp = make_inputs(case, torch.float32)
     args = [inp[k] for k in HEAD_ARGS]
     cfg = HCDLossConfig(n_sublogits=case.n)

@@ -1,6 +1,7 @@
 """pytest-benchmark: the HCD head and the student loss, eager vs torch.compile vs fused Triton.
 
-CUDA: CIFAR (B=128, C=100) and ImageNet (B=256, C=1000) shapes, n in {2, 4, 8}, fp32/bf16/fp16, modes
+CUDA: CIFAR (B=128, C=100) and ImageNet (B=256, C=1000) shapes with every shipped config's Dp/Dt
+(engine/bench_shapes.py), n in {2, 4, 8}, fp32/bf16/fp16, modes
 forward/backward/full. CPU: small shapes, eager and compile only (the interpreter is not a speed).
 Inputs and references come from the tests (tests/kernels/helpers.py), so benchmark and test never diverge.
     python -m pytest bench/bench_kernels.py --benchmark-only
@@ -8,14 +9,15 @@ Inputs and references come from the tests (tests/kernels/helpers.py), so benchma
 import pytest
 import torch
 
-from engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, GPU_SHAPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
+from engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
                           mode_fn, student_loss_fn)
+from engine.bench_shapes import gpu_head_shapes
 from kernels import HCDLossConfig
 from tests.kernels.helpers import make_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-SHAPES = GPU_SHAPES if CUDA else CPU_SHAPES
+SHAPES = gpu_head_shapes() if CUDA else CPU_SHAPES
 BACKENDS = ["eager", "compile", "triton"] if CUDA else ["eager", "compile"]
 DTYPE_NAMES = list(DTYPES) if CUDA else ["fp32"]
 

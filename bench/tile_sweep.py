@@ -1,10 +1,11 @@
 """Tile sweep of the fused head's launches on one GPU: which GEMM tiles and row-kernel warps are fastest.
 
-At the benchmark issue's shape (B=256, C=1000, n=4, Dp=Dt=768, as in training: the teacher feature frozen,
-so dX covers the Dp columns only), for bf16 and fp32 activations, every candidate of each launch is timed
-alone as device time (engine.timing.graph_ms: 10 launches captured in a CUDA graph and replayed), and its
-output is checked against the default choice's (a tile changes only the summation order). The default is
-marked "*", the fastest "<"; a candidate that does not compile on this card (shared memory) shows its error.
+At the benchmark issue's headline shape (engine.bench_shapes: B=256, C=1000, n=4, Swin-T -> ResNet18's
+Dp=Dt=768) as in training (the teacher feature frozen, so dX covers the Dp columns only), for bf16 and fp32
+activations, every candidate of each launch is timed alone as device time (engine.timing.graph_ms: 10
+launches captured in a CUDA graph and replayed), and its output is checked against the default choice's (a
+tile changes only the summation order). The default is marked "*", the fastest "<"; a candidate that does
+not compile on this card (shared memory) shows its error.
 Feeds the per-shape choice in kernels/hcd_head.py (_tile, row_num_warps); run it when the profile of
 `hcd bench` shows a GEMM or the row kernel dominating:
     python bench/tile_sweep.py [--out DIR]          (CUDA only; about a minute, most of it compiling)
@@ -31,9 +32,11 @@ def launches(dtype: torch.dtype, device) -> dict:
     """name -> (run(tile) -> output tensor, candidates, flops): the fused head's heavy launches on the
     inputs the tests and `hcd verify` use."""
     from kernels import HCDLossConfig
-    from kernels.compare import Case, make_inputs
+    from dataclasses import replace
+    from engine.bench_shapes import headline_shape
+    from kernels.compare import make_inputs
     from kernels.hcd_head import _backward_dot, _gemm, _row_launch
-    case = Case(256, 1000, 4, 768, 768, frozen_teacher_feature=True)
+    case = replace(headline_shape(), frozen_teacher_feature=True)
     cfg = HCDLossConfig(n_sublogits=case.n)
     inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case, dtype, device).items()}
     x_s, x_t, w, b = inp["x_student"], inp["x_teacher"], inp["weight"], inp["bias"]

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import torch
 
 from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from engine.bench_shapes import configs_for, gpu_head_shapes, headline_shape
 from engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
 from kernels.compare import Case, make_inputs
 
@@ -34,9 +35,8 @@ ROOFLINES = {
 }
 
 
-# CIFAR-100: Swin-T (Dt 768) -> ResNet18 (Ds 512): Dp 768. ImageNet: Swin-T -> ResNet18 at B 256 per GPU.
+# GPU head shapes: engine.bench_shapes (B, C per dataset; Dp, Dt from the shipped configs). CPU: small ones.
 # Inputs come from kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
-GPU_SHAPES = [Case(128, 100, n, 768, 768) for n in (2, 4, 8)] + [Case(256, 1000, n, 768, 768) for n in (2, 4, 8)]
 CPU_SHAPES = [Case(64, 100, 4, 256, 192), Case(128, 100, 4, 768, 768)]
 INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
 STUDENT_SHAPES = [Case(128, 100, 1, 1, 1), Case(256, 1000, 1, 1, 1)]
@@ -162,7 +162,8 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     flops, nbytes_moved = (head_cost(shape, nbytes, mode) if kind == "head"
                            else student_cost(shape.B, shape.C, nbytes, mode))
     fused, fused_dev = ms.get("triton"), dev_ms.get("triton")
-    row = {"kernel": kind, "shape": shape_dict(shape), "dtype": dtype_name, "mode": mode,
+    row = {"kernel": kind, "shape": shape_dict(shape), "configs": configs_for(shape) if kind == "head" else [],
+           "dtype": dtype_name, "mode": mode,
            "eager_ms": ms.get("eager"), "compile_ms": ms.get("compile"), "fused_ms": fused,
            "fused_tflops": per_second(flops, fused) if not interp else None,
            "fused_gbps": per_second(nbytes_moved, fused, 1e9) if not interp else None,
@@ -183,18 +184,16 @@ def per_second(amount, ms, unit=1e12):
     return amount / (ms * 1e-3) / unit if ms else None
 
 
-PROFILE_SHAPE = Case(256, 1000, 4, 768, 768)  # the benchmark issue's headline shape
-
-
 def profile_rows(device) -> List[dict]:
     """Per-launch device time of the full (forward + backward) head at the headline shape, every backend,
     bf16 and fp32 (CUDA only): which launch dominates, and how long the GPU waits between launches."""
     if device.type != "cuda":
         return []
     rows = []
-    cfg = HCDLossConfig(n_sublogits=PROFILE_SHAPE.n)
+    s = headline_shape()
+    cfg = HCDLossConfig(n_sublogits=s.n)
     for dtype_name in ("bf16", "fp32"):
-        inp = make_inputs(PROFILE_SHAPE, DTYPES[dtype_name], device)
+        inp = make_inputs(s, DTYPES[dtype_name], device)
         grads = grad_tensors(inp)
         torch._dynamo.reset()
         for backend in _backends(device):
@@ -203,9 +202,8 @@ def profile_rows(device) -> List[dict]:
             if prof and backend == "triton":
                 from kernels.hcd_head import head_flops_bytes
                 nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
-                s = PROFILE_SHAPE
                 annotate_launches(prof["launches"], head_flops_bytes(s.B, s.C, s.n, s.Dp, s.Dt, nbytes))
-            rows.append({"kernel": "head", "shape": shape_dict(PROFILE_SHAPE), "dtype": dtype_name, "mode": "full",
+            rows.append({"kernel": "head", "shape": shape_dict(s), "dtype": dtype_name, "mode": "full",
                          "backend": backend, "host_ms": host_ms(fn, grads), **(prof or {}), "error": err})
     return rows
 
@@ -286,7 +284,7 @@ def format_table(rows: List[dict]) -> str:
     """The kernel table: launch-inclusive times and ratios; on CUDA also the fused call's host time and the
     device times from CUDA-graph replay, on which TFLOP/s, GB/s and the roofline fraction are computed."""
     gpu = any("device_ms" in r for r in rows)
-    head = (f"{'kernel':7} {'B':>4} {'C':>5} {'n':>2} {'dtype':5} {'mode':8} {'eager':>8} {'compile':>8} "
+    head = (f"{'kernel':7} {'B':>4} {'C':>5} {'n':>2} {'Dp':>4} {'Dt':>4} {'dtype':5} {'mode':8} {'eager':>8} {'compile':>8} "
             f"{'fused':>9} {'eag/fus':>7} {'cmp/fus':>7}")
     if gpu:
         head += (f" {'host':>6} | {'g.eager':>7} {'g.comp':>7} {'g.fused':>7} {'eag/fus':>7} {'cmp/fus':>7}"
@@ -298,7 +296,8 @@ def format_table(rows: List[dict]) -> str:
         interp = r.get("interpreter")
         fused = _fmt(r["fused_ms"]) + ("i" if interp else "")
         ratios = (None, None) if interp else (_ratio(r["eager_ms"], r["fused_ms"]), _ratio(r["compile_ms"], r["fused_ms"]))
-        line = (f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {r['dtype']:5} {r['mode']:8} "
+        dims = (s["Dp"], s["Dt"]) if r["kernel"] == "head" else ("", "")
+        line = (f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {dims[0]:>4} {dims[1]:>4} {r['dtype']:5} {r['mode']:8} "
                 f"{_fmt(r['eager_ms']):>8} {_fmt(r['compile_ms']):>8} {fused:>9} {_fmt(ratios[0], '.2f'):>7} "
                 f"{_fmt(ratios[1], '.2f'):>7}")
         if gpu:
@@ -330,8 +329,11 @@ def _launch_label(x: dict) -> str:
 def format_profile(rows: List[dict]) -> str:
     """Per backend: launches per call, summed kernel time, span of one call on the GPU and host time;
     then the fused path's launches in order."""
-    lines = [f"profile: head B={PROFILE_SHAPE.B} C={PROFILE_SHAPE.C} n={PROFILE_SHAPE.n} full, device time per "
-             f"call (torch.profiler); span = first kernel start to last kernel end",
+    if not rows:
+        return ""
+    s = rows[0]["shape"]  # one shape: the headline
+    lines = [f"profile: head B={s['B']} C={s['C']} n={s['n']} Dp={s['Dp']} Dt={s['Dt']} full, "
+             f"device time per call (torch.profiler); span = first kernel start to last kernel end",
              f"{'dtype':5} {'backend':8} {'launches':>8} {'kernel us':>9} {'span us':>8} {'host us':>8}"]
     for r in rows:
         if r.get("error"):
@@ -351,9 +353,10 @@ def kernel_plan(device, quick, dtypes: Optional[List[str]] = None, ns: Optional[
     only those dtypes / those n of the head (a GPU plan in parts, each within one call's time limit)."""
     plan = []
     if device.type == "cuda":
-        shapes = GPU_SHAPES if not quick else [s for s in GPU_SHAPES if s.n == 4]
-        # the headline ImageNet shape first: a run cut short by a time limit has measured it
-        shapes = sorted([s for s in shapes if ns is None or s.n in ns], key=lambda s: -s.B * s.C)
+        shapes = gpu_head_shapes(ns or ((4,) if quick else (2, 4, 8)), quick=quick)
+        # the headline shape first, then the rest by size: a run cut short by a time limit has measured it
+        first = headline_shape()
+        shapes = sorted(shapes, key=lambda s: (s != first, -s.B * s.C, s.n != 4, s.n, -s.Dp, -s.Dt))
         dts = [d for d in (("bf16", "fp32") if quick and dtypes is None else ("bf16", "fp16", "fp32"))
                if dtypes is None or d in dtypes]
         for shape in shapes:

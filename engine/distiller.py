@@ -4,7 +4,7 @@ The frozen teacher is not part of this module (it is run beside it, so DeepSpeed
 converts it): the trainer passes the teacher's (f_t, z_t) into forward.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,17 @@ def projector_channels(stage: int, c_in: int, d_p: int) -> list:
     """Output widths of the (4 - stage) down-sampling blocks: doubling, the last one ending at D_p."""
     blocks = 4 - stage
     return [c_in * 2 ** (k + 1) for k in range(blocks - 1)] + [d_p]
+
+
+def projector_width(d_s: int, d_t: int) -> int:
+    """D_p = max(D_s, D_t): every projector's output width (HCD_SPEC.md notation)."""
+    return max(d_s, d_t)
+
+
+def head_input_widths(d_s: int, d_t: int, cfm_hidden: Optional[int] = None) -> Tuple[int, int]:
+    """The widths of the fused head's (x_student, x_teacher) for a student / teacher pair: (D_p, D_t), or
+    (cfm_hidden, 0) with a hidden CFM layer, whose activations mix both (see CFM.kernel_inputs)."""
+    return (cfm_hidden, 0) if cfm_hidden else (projector_width(d_s, d_t), d_t)
 
 
 class Projector(nn.Module):
@@ -89,7 +100,7 @@ class HCDDistiller(nn.Module):
         self.loss_cfg = loss_cfg
         self.stages = list(student.stages)
         self.backend = backend
-        d_p = max(student.feature_dim, teacher_dim)
+        d_p = projector_width(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(
             Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
         self.cfms = nn.ModuleList(

@@ -109,7 +109,7 @@ class FrozenTeacher(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.head.in_features if hasattr(self.head, "in_features") else self.model.num_features
+        return pre_logits_width(self.model)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -164,6 +164,23 @@ def _build_timm(role: str, name: str, families: set, num_classes: int, checkpoin
     if checkpoint:
         load_weights(model, checkpoint, f"model.{role}_checkpoint")
     return model
+
+
+def pre_logits_width(model: nn.Module) -> int:
+    """D_t: the width of a timm classifier's pre-logits vector (its classifier's input)."""
+    head = model.get_classifier()
+    return head.in_features if hasattr(head, "in_features") else model.num_features
+
+
+def feature_widths(teacher: str, student: str, num_classes: int, teacher_kwargs: Optional[dict] = None,
+                   student_kwargs: Optional[dict] = None) -> Tuple[int, int]:
+    """(D_s, D_t) of a student / teacher pair, from models built on the meta device: no weights are
+    allocated or loaded (a shape question must not need a checkpoint or the hub). Names and families are
+    checked as for a run."""
+    with torch.device("meta"):
+        t = _build_timm("teacher", teacher, TEACHER_FAMILIES, num_classes, None, False, teacher_kwargs)
+        s = _build_timm("student", student, STUDENT_FAMILIES, num_classes, None, False, student_kwargs)
+    return s.num_features, pre_logits_width(t)
 
 
 def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None, pretrained: bool = False,

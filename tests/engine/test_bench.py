@@ -103,7 +103,7 @@ def test_gpu_table_shows_both_time_bases():
     cells = lines[2].split()
     assert cells[cells.index("|") + 1:cells.index("|") + 6] == ["0.900", "0.300", "0.150", "6.00", "2.00"]
     assert cells[cells.index("|") - 1] == "0.400" and "12%" in cells  # host time, device roofline
-    assert ["2.00", "0.80"] == cells[9:11]  # launch-inclusive ratios: 3.0/1.5, 1.2/1.5
+    assert ["2.00", "0.80"] == cells[11:13]  # launch-inclusive ratios: 3.0/1.5, 1.2/1.5 (after B C n Dp Dt)
 
 
 def test_gpu_table_reports_a_failed_capture():
@@ -123,7 +123,10 @@ def test_profile_table_lists_the_fused_launches():
                           {"launch": 2, "kernel": "_head_row_kernel", "us": 10.0}]}
     eager = {"dtype": "bf16", "backend": "eager", "host_ms": 1.0, "error": None, "per_call": None,
              "kernel_us": 90.0, "span_us": None, "launches": [{"launch": None, "kernel": "k", "count": 40, "us": 90.0}]}
+    for r in (eager, fused):
+        r["shape"] = {"B": 256, "C": 1000, "n": 4, "Dp": 512, "Dt": 192}
     text = format_profile([eager, fused])
+    assert text.startswith("profile: head B=256 C=1000 n=4 Dp=512 Dt=192 full")
     assert "bf16  eager          40      90.0        -   1000.0" in text
     assert "bf16  triton          2      30.0     80.0    250.0" in text
     assert "bf16 fused launches (us): _gemm_kernel 20.0, _head_row_kernel 10.0" in text
@@ -160,13 +163,37 @@ def test_gpu_plan_parts_and_order():
     from engine.bench import kernel_plan
     cuda = torch.device("cuda")  # the plan only: nothing runs
     full = kernel_plan(cuda, quick=False)
-    assert len(full) == 6 * 3 * 3 + 2 * 3  # shapes x dtypes x modes (head) + student shapes x dtypes
-    assert full[0][1].C == 1000 and full[0][2] == "bf16"  # the headline shape first
+    # (B, C) per dataset x the shipped configs' distinct (Dp, Dt): CIFAR-100 3, ImageNet 2; n in {2, 4, 8}
+    shapes = {r[1] for r in full if r[0] == "head"}
+    assert len(shapes) == 5 * 3
+    assert len(full) == len(shapes) * 3 * 3 + 2 * 3  # shapes x dtypes x modes (head) + student shapes x dtypes
+    first = full[0][1]
+    assert (first.B, first.C, first.n, first.Dp, first.Dt) == (256, 1000, 4, 768, 768) and full[0][2] == "bf16"
     quick = kernel_plan(cuda, quick=True)
     assert {r[2] for r in quick} == {"bf16", "fp32"} and {r[1].n for r in quick if r[0] == "head"} == {4}
+    assert {(r[1].C, r[1].Dp, r[1].Dt) for r in quick if r[0] == "head"} == {(100, 768, 768), (1000, 768, 768)}
     part = kernel_plan(cuda, quick=False, dtypes=["fp16"], ns=[2, 8])
     assert {r[2] for r in part} == {"fp16"} and {r[1].n for r in part if r[0] == "head"} == {2, 8}
-    assert len(part) == 4 * 3 + 2 and part[0][1].C == 1000
+    assert len(part) == 5 * 2 * 3 + 2 and part[0][1].C == 1000
+
+
+def test_head_shapes_follow_the_shipped_configs():
+    """Dp/Dt of every shipped CIFAR-100 / ImageNet config, as the models' widths give them (D_p = max(D_s, D_t))."""
+    from engine.bench_shapes import config_widths, configs_for, gpu_head_shapes, headline_shape
+    widths = {w.config: (w.C, w.Dp, w.Dt) for w in config_widths()}
+    assert widths == {"cifar100/mixer_b16-resnet18.yaml": (100, 768, 768),       # Mixer-B/16 768, ResNet18 512
+                      "cifar100/swin_tiny-mobilenetv2.yaml": (100, 1280, 768),   # MobileNetV2 1280
+                      "cifar100/swin_tiny-resnet18.yaml": (100, 768, 768),
+                      "cifar100/vit_small-resnet18.yaml": (100, 512, 384),        # ViT-S 384
+                      "imagenet/deit_tiny-resnet18.yaml": (1000, 512, 192),       # DeiT-T 192
+                      "imagenet/swin_tiny-resnet18.yaml": (1000, 768, 768)}
+    head = headline_shape()
+    assert (head.B, head.C, head.n, head.Dp, head.Dt) == (256, 1000, 4, 768, 768)
+    assert configs_for(head) == ["imagenet/swin_tiny-resnet18.yaml"]
+    cifar = [s for s in gpu_head_shapes(ns=(4,)) if s.C == 100]
+    assert {(s.B, s.Dp, s.Dt) for s in cifar} == {(128, 768, 768), (128, 1280, 768), (128, 512, 384)}
+    assert configs_for(next(s for s in cifar if s.Dp == 768)) == ["cifar100/mixer_b16-resnet18.yaml",
+                                                                  "cifar100/swin_tiny-resnet18.yaml"]
 
 
 def test_tile_sweep_marks_default_fastest_and_mismatches():

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.distiller import HCDDistiller, Projector, projector_channels
+from engine.distiller import HCDDistiller, Projector, head_input_widths, projector_channels
 from engine.errors import ModelError
-from engine.models import build_student, build_teacher, load_state_dict_file, norm_stats
+from engine.models import build_student, build_teacher, feature_widths, load_state_dict_file, norm_stats
 from kernels import HCDLossConfig
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
@@ -122,3 +122,15 @@ def test_distiller_forward_backward(student, stages, hidden):
     assert all(p.grad is None for p in t.parameters())
     for k, v in t.state_dict().items():
         assert torch.equal(v, before[k]), k  # BN statistics and weights untouched
+    # the fused head's input widths are what head_input_widths says (the benchmarks' shapes rely on it)
+    x_s, x_t = model.cfms[0].kernel_inputs(model.projectors[0](s(x)[1][0]), f_t)
+    assert (x_s.shape[1], x_t.shape[1]) == head_input_widths(s.feature_dim, t.feature_dim, hidden)
+
+
+def test_feature_widths_without_weights():
+    """(D_s, D_t) from meta-device models equal those of the real (allocated) models."""
+    t, s = _pair("mobilenetv2_100", (1, 2, 3, 4))
+    assert feature_widths("vit_tiny_patch16_224", "mobilenetv2_100", 7, TINY_VIT) == (s.feature_dim, t.feature_dim)
+    assert feature_widths("deit_tiny_patch16_224", "resnet18", 1000) == (512, 192)
+    with pytest.raises(ModelError, match="model.student: unknown timm model 'resnet_nope'"):
+        feature_widths("deit_tiny_patch16_224", "resnet_nope", 1000)
