@@ -32,11 +32,10 @@ def launches(dtype: torch.dtype, device) -> dict:
     """name -> (run(tile) -> output tensor, candidates, flops): the fused head's heavy launches on the
     inputs the tests and `hcd verify` use."""
     from kernels import HCDLossConfig
-    from dataclasses import replace
     from engine.bench_shapes import headline_shape
     from kernels.compare import make_inputs
     from kernels.hcd_head import _backward_dot, _gemm, _row_launch
-    case = replace(headline_shape(), frozen_teacher_feature=True)
+    case = headline_shape()  # the teacher feature frozen, as in training
     cfg = HCDLossConfig(n_sublogits=case.n)
     inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case, dtype, device).items()}
     x_s, x_t, w, b = inp["x_student"], inp["x_teacher"], inp["weight"], inp["bias"]

@@ -36,8 +36,10 @@ ROOFLINES = {
 
 
 # GPU head shapes: engine.bench_shapes (B, C per dataset; Dp, Dt from the shipped configs). CPU: small ones.
+# Heads as in training: the teacher feature x_teacher is frozen (no dX for its columns).
 # Inputs come from kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
-CPU_SHAPES = [Case(64, 100, 4, 256, 192), Case(128, 100, 4, 768, 768)]
+CPU_SHAPES = [Case(64, 100, 4, 256, 192, frozen_teacher_feature=True),
+              Case(128, 100, 4, 768, 768, frozen_teacher_feature=True)]
 INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
 STUDENT_SHAPES = [Case(128, 100, 1, 1, 1), Case(256, 1000, 1, 1, 1)]
 
@@ -77,7 +79,8 @@ def _mode_cost(launches: dict, mode: str):
 def head_cost(shape: Case, dtype_bytes: int, mode: str):
     """(FLOP, bytes) of one stage's head in `mode`, from the fused launch plan's own model."""
     from kernels.hcd_head import head_flops_bytes
-    return _mode_cost(head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes), mode)
+    return _mode_cost(head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes,
+                                       x_teacher_grad=not shape.frozen_teacher_feature), mode)
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
@@ -202,7 +205,8 @@ def profile_rows(device) -> List[dict]:
             if prof and backend == "triton":
                 from kernels.hcd_head import head_flops_bytes
                 nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
-                annotate_launches(prof["launches"], head_flops_bytes(s.B, s.C, s.n, s.Dp, s.Dt, nbytes))
+                annotate_launches(prof["launches"], head_flops_bytes(s.B, s.C, s.n, s.Dp, s.Dt, nbytes,
+                                                                     x_teacher_grad=not s.frozen_teacher_feature))
             rows.append({"kernel": "head", "shape": shape_dict(s), "dtype": dtype_name, "mode": "full",
                          "backend": backend, "host_ms": host_ms(fn, grads), **(prof or {}), "error": err})
     return rows

@@ -48,7 +48,8 @@ def config_widths(root: Path = CONFIG_ROOT) -> Tuple[HeadWidths, ...]:
 
 
 def _shape(w: HeadWidths, n: int) -> Case:
-    return Case(DATASET_BATCH[w.config.split("/")[0]], w.C, n, w.Dp, w.Dt)
+    """As in training: the teacher feature is frozen, so the head computes no gradient for x_teacher."""
+    return Case(DATASET_BATCH[w.config.split("/")[0]], w.C, n, w.Dp, w.Dt, frozen_teacher_feature=True)
 
 
 def gpu_head_shapes(ns: Sequence[int] = (2, 4, 8), quick: bool = False) -> List[Case]:

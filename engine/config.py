@@ -274,8 +274,9 @@ def validate(cfg: Config):
     need(0 < cfg.data.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
     need(cfg.model.num_classes >= 2, "model.num_classes", "must be >= 2")
     need(len(cfg.head.stages) > 0 and all(isinstance(s, int) and 1 <= s <= 4 for s in cfg.head.stages)
-         and len(set(cfg.head.stages)) == len(cfg.head.stages),
-         "head.stages", f"must be distinct integers in 1..4, got {cfg.head.stages}")
+         and list(cfg.head.stages) == sorted(set(cfg.head.stages)),
+         "head.stages", f"must be distinct integers in 1..4 in increasing order (the student returns its stage "
+         f"features in network order), got {cfg.head.stages}")
     need(cfg.head.cfm_hidden is None or cfg.head.cfm_hidden >= 1, "head.cfm_hidden", "must be >= 1 or null")
     need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

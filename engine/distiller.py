@@ -13,12 +13,16 @@ from kernels import HCDLossConfig, hcd_head_loss, student_loss
 
 
 def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
-    """dwconv3x3(s2) -> conv1x1 -> BN -> ReLU -> dwconv3x3(s1) -> conv1x1 -> BN -> ReLU (OFA-KD's block)."""
+    """dwconv3x3(s2) -> conv1x1 -> BN -> ReLU -> dwconv3x3(s1) -> conv1x1 -> BN -> ReLU (OFA-KD's block).
+
+    As in OFA-KD (the projector HCD_SPEC.md names), the block keeps c_in channels up to its last conv1x1,
+    which alone maps c_in -> c_out: changing the width at the first conv1x1 instead would run the second
+    half at c_out and make the stage-1 projector about 3x larger (ResNet18 into D_p = 768)."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, stride=2, padding=1, groups=c_in, bias=False),
+        nn.Conv2d(c_in, c_in, 1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_in, 3, stride=1, padding=1, groups=c_in, bias=False),
         nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, groups=c_out, bias=False),
-        nn.Conv2d(c_out, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
     )
 
 

@@ -59,6 +59,11 @@ def test_cost_model_counts_the_three_gemms():
     f_full, b_full = head_cost(case, 2, "full")
     assert gemm <= f_fwd < 1.2 * gemm
     assert 3 * gemm <= f_full < 3.3 * gemm and b_full > b_fwd > 0
+    # as in training (engine.bench_shapes): a frozen teacher feature, dX over the Dp columns only
+    frozen = Case(256, 1000, 4, 768, 768, frozen_teacher_feature=True)
+    f_frozen, b_frozen = head_cost(frozen, 2, "full")
+    assert f_frozen == f_full - 2 * case.B * case.n * case.C * case.Dt and b_frozen < b_full
+    assert head_cost(frozen, 2, "forward") == (f_fwd, b_fwd)
 
 
 def test_table_leaves_interpreter_rows_out_of_ratios():
@@ -189,6 +194,7 @@ def test_head_shapes_follow_the_shipped_configs():
                       "imagenet/swin_tiny-resnet18.yaml": (1000, 768, 768)}
     head = headline_shape()
     assert (head.B, head.C, head.n, head.Dp, head.Dt) == (256, 1000, 4, 768, 768)
+    assert all(s.frozen_teacher_feature for s in gpu_head_shapes())  # as in training: no dX for x_teacher
     assert configs_for(head) == ["imagenet/swin_tiny-resnet18.yaml"]
     cifar = [s for s in gpu_head_shapes(ns=(4,)) if s.C == 100]
     assert {(s.B, s.Dp, s.Dt) for s in cifar} == {(128, 768, 768), (128, 1280, 768), (128, 512, 384)}

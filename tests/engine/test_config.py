@@ -49,6 +49,8 @@ def test_round_trip_through_dump(tmp_path):
     ("data.loader=ffcv", "data.loader"),
     ("data.batch_size=0", "data.batch_size"),
     ("head.stages=[0,5]", "head.stages"),
+    ("head.stages=[4,2]", "head.stages"),   # the student returns features in network order
+    ("head.stages=[2,2]", "head.stages"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("optim.lr=-1", "optim.lr"),
     ("seed.x=1", "seed"),

@@ -57,6 +57,11 @@ def test_projector_shapes_follow_the_spec():
         p = Projector(stage, c, 96)
         assert p(torch.randn(2, c, hw, hw)).shape == (2, 96)
     assert isinstance(Projector(4, 512, 96).body, torch.nn.Conv2d)
+    # OFA-KD's block: c_in channels up to the last conv1x1, which alone changes the width
+    block = Projector(2, 128, 96).body[0]
+    convs = [(m.in_channels, m.out_channels, m.groups, m.stride[0]) for m in block if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(128, 128, 128, 2), (128, 128, 1, 1), (128, 128, 128, 1), (128, 256, 1, 1)]
+    assert [m.num_features for m in block if isinstance(m, torch.nn.BatchNorm2d)] == [128, 256]
 
 
 @pytest.mark.parametrize("name,field", [
