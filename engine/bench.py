@@ -21,6 +21,7 @@ import torch
 
 from kernels import HCDLossConfig, hcd_head_loss, student_loss
 from engine.bench_shapes import configs_for, gpu_head_shapes, headline_shape
+from engine.errors import output_path_problem
 from engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
 from kernels.compare import Case, make_inputs
 
@@ -401,6 +402,10 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     if bad:
         print(f"hcd bench: error: --dtype/--n: {', '.join(bad)} not among {', '.join(DTYPES)} / positive n",
               file=sys.stderr)
+        return 2
+    problem = output_path_problem(out_dir, directory=True)
+    if problem:
+        print(f"hcd bench: error: --out: {problem}", file=sys.stderr)
         return 2
     plan = kernel_plan(dev, quick, dtypes, ns)
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),

@@ -198,6 +198,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any):
     node = tree
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
+        if key not in node:
+            raise ConfigError(f"{'.'.join(keys[:i + 1])}: unknown key (known: {', '.join(sorted(node))})")
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(keys[:i + 1])}: not a section, cannot set {dotted}")
         node = child
@@ -211,6 +213,8 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected dotted.key=value")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text}: no key before '='; expected dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -280,7 +284,9 @@ def validate(cfg: Config):
     need(cfg.head.cfm_hidden is None or cfg.head.cfm_hidden >= 1, "head.cfm_hidden", "must be >= 1 or null")
     need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    need(len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in cfg.optim.betas),
+         "optim.betas", f"must be two numbers in [0, 1), got {cfg.optim.betas}")
     need(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
     need(cfg.schedule.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
     need(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")

@@ -111,7 +111,9 @@ def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
     run.mkdir(parents=True, exist_ok=True)
     (run / MARKER).write_text("written by hcd demo\n")
 
-    root = build_digits(str(Path(cfg.data.root).expanduser()))
+    # demo.yaml's own root means "the cache" ($HCD_CACHE/digits when set); a --set data.root is used as given
+    as_shipped = cfg.data.root == load_config(str(DEMO_CONFIG)).data.root
+    root = build_digits(None if as_shipped else str(Path(cfg.data.root).expanduser()))
     cfg.data.root = str(root)
     print(f"digits folder: {root}", flush=True)
     if cfg.train.teacher_epochs > 0 and cfg.model.teacher_checkpoint is None:

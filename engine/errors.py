@@ -1,4 +1,7 @@
 """Errors that mean "bad input": the CLI prints them as one line and exits 2."""
+from pathlib import Path
+from typing import Optional
+
 from engine.config import ConfigError
 
 
@@ -11,3 +14,15 @@ class ModelError(ValueError):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
+
+
+def output_path_problem(path, directory: bool) -> Optional[str]:
+    """Why `path` cannot become the output folder (directory=True) or file, or None: checked before any
+    work, so a long run never fails at its end on a path it could have refused at its start."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != directory:
+        return f"{path} exists and is {'not ' if directory else ''}a directory"
+    parent = next((q for q in path.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is not a directory, so {path} cannot be created"
+    return None

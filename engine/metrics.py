@@ -55,13 +55,22 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list:
-    """The rows of a metrics.jsonl; a truncated last line (a crash mid-write) is dropped, not fatal."""
-    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    """The rows of a metrics.jsonl; a truncated last line (a crash mid-write) is dropped, not fatal; a
+    missing file has no rows. Any other unreadable line is a DataError naming the file and line."""
+    from engine.errors import DataError
+    path = Path(path)
+    if not path.exists():
+        return []
+    numbered = [(i + 1, x) for i, x in enumerate(path.read_text(encoding="utf-8").splitlines()) if x.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for k, (number, line) in enumerate(numbered):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
+            if k == len(numbered) - 1:
+                continue
+            raise DataError(f"{path}: line {number} is not valid JSON (edit or remove it)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
     return rows

@@ -49,7 +49,8 @@ def plot_run(run) -> int:
     ax_acc.set_ylim(0, 102)
     ax_acc.set_title("validation accuracy")
     ax_acc.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8, loc="lower right")
+    if ax_acc.get_legend_handles_labels()[0]:  # an empty run has nothing to label
+        ax_acc.legend(fontsize=8, loc="lower right")
 
     fig.suptitle(run.name)
     fig.tight_layout()
@@ -57,4 +58,5 @@ def plot_run(run) -> int:
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     tmp.replace(run / "curves.png")
+    print(f"wrote {run / 'curves.png'}")
     return 0

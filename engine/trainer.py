@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from engine import checkpoint
 from engine.config import Config, ConfigError, dump_config
-from engine.errors import ModelError
+from engine.errors import ModelError, output_path_problem
 from engine.metrics import MetricsLog, accuracy, read_metrics, topk_correct
 
 # --------------------------------------------------------------------------------------- process group
@@ -331,8 +331,26 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     t = cfg.train
     ckpt_dir = run / "checkpoints"
 
-    # Everything that can fail on bad input fails here, before the run folder exists.
+    # Everything that can fail on bad input fails here, before the run folder exists or changes.
+    problem = output_path_problem(run, directory=True)
+    if problem:
+        raise ConfigError(f"--out: {problem}")
+    resume_tag = checkpoint.read_pointer(ckpt_dir, "latest")
+    if resume and resume_tag is None:
+        stopped = " (the run stopped before its first save: start afresh with another --out, or remove " \
+                  f"{run / 'metrics.jsonl'})" if (run / "metrics.jsonl").exists() else " (nothing to resume)"
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}{stopped}")
+    if not resume and resume_tag is not None:
+        raise ConfigError(f"--out: {run} already holds a run with checkpoints; pass --resume to continue it or "
+                          "choose another --out (a fresh run would replace them)")
+    if not resume and (run / "metrics.jsonl").exists():
+        raise ConfigError(f"--out: {run} already holds the metrics of a run that saved no checkpoint; choose "
+                          f"another --out or remove {run / 'metrics.jsonl'}")
     teacher, distiller, mean, std = build_models(cfg, d.device)
+    if cfg.model.teacher_checkpoint is None and not cfg.model.pretrained:
+        _rank0_print(d, "warning: model.teacher_checkpoint is not set and model.pretrained is false: the teacher "
+                        "is randomly initialised, and distilling from it teaches nothing (train.teacher_epochs "
+                        "is used by `hcd demo` only)")
     train_loader, val_loader = build_loaders(cfg, mean, std, d)
     if len(train_loader.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but the data has "
@@ -345,21 +363,19 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     total_steps = len(train_loader) * t.epochs // t.grad_accum
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    resume_tag = checkpoint.read_pointer(ckpt_dir, "latest") if resume else None
-    if resume and resume_tag is None:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (nothing to resume)")
-    if not resume and (run / "metrics.jsonl").exists():
-        raise ConfigError(f"--out: {run} already holds a run; pass --resume to continue it or choose another --out")
-    layout = run_layout(cfg, d.world)
-    if resume:
+    layout = run_layout(cfg, d.world, distiller)
+    prior_rows = []
+    if resume:  # before anything is written or loaded: a mismatch must leave the run as it is
         check_layout(checkpoint.read_layout(ckpt_dir, resume_tag), layout, ckpt_dir / resume_tag)
+        prior_rows = read_metrics(run / "metrics.jsonl")
     ds_config = deepspeed_config(cfg, d.world)
     init_process_group(d)
     deepspeed = _import_deepspeed()
 
     if d.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run / "config.yaml")
+        if not resume:  # a resumed run's config.yaml is replaced once its checkpoint has loaded
+            dump_config(cfg, run / "config.yaml")
     if dist.is_initialized():
         dist.barrier()
 
@@ -384,10 +400,11 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
         _rank0_print(d, f"resumed from {ckpt_dir / resume_tag}: step {state['step']}, epoch {state['epoch']}, "
                         f"batch {state['batch']}")
         if d.rank == 0:  # drop rows logged after the checkpoint (a crash): the resumed run rewrites them
-            rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+            rows = [r for r in prior_rows if r.get("step", 0) <= state["step"]]
             tmp = run / "metrics.jsonl.tmp"  # a crash mid-rewrite must not lose the run's history
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, run / "metrics.jsonl")
+            dump_config(cfg, run / "config.yaml")  # the config this run continues with
     log = MetricsLog(run, d.rank)
 
     t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
@@ -509,8 +526,9 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
         pbar.close()
 
         if stop_reason is None and state["last_eval_step"] != state["step"]:  # ended inside an epoch
-            top1, top5, best = run_eval(round(state["epoch"] + state["batch"] / len(train_loader), 4))
-            _rank0_print(d, f"epoch {state['epoch']}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+            epoch = round(state["epoch"] + state["batch"] / len(train_loader), 4)
+            top1, top5, best = run_eval(epoch)
+            _rank0_print(d, f"epoch {epoch:g}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
             save(best=best)
         elif state.get("saved_step") != state["step"]:
             save()
@@ -531,23 +549,47 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     return 0
 
 
-def run_layout(cfg: Config, world: int) -> dict:
+def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None) -> dict:
     """What a resume must match: the data order and position (world size, per-rank batch, accumulation
-    give the shards and the step count per epoch), and DeepSpeed's per-rank optimizer state (ZeRO stage,
-    precision, optimizer)."""
-    return {"world size (processes)": world, "data.batch_size": cfg.data.batch_size,
-            "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-            "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
+    give the shards and the step count per epoch), DeepSpeed's per-rank optimizer state (ZeRO stage,
+    precision, optimizer) and, with `model`, the shape of every parameter (model.*, head.* and
+    loss.n_sublogits decide them)."""
+    layout = {"world size (processes)": world, "data.batch_size": cfg.data.batch_size,
+              "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+              "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
+    if model is not None:
+        layout["parameters"] = {name: list(p.shape) for name, p in model.named_parameters()}
+    return layout
 
 
 def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--resume",
                  why: str = "a run resumes only with the same world size, data.batch_size, train.grad_accum, "
                             "deepspeed.zero_stage, train.precision and optim.name") -> None:
-    """One-line ConfigError naming the first field of `now` that differs from the checkpoint's (none: a
-    checkpoint written before layouts were kept, loaded as before)."""
+    """One-line ConfigError naming the first field of `now` that differs from the checkpoint's, or the
+    first parameters whose shapes differ (none: a checkpoint written before layouts were kept, or before
+    they held the parameters, is loaded as before)."""
+    if saved is None:
+        return
     for key, value in now.items():
-        if saved is not None and key in saved and saved[key] != value:
+        if key != "parameters" and key in saved and saved[key] != value:
             raise ConfigError(f"{flag}: {key} is {value} but {folder} was written with {saved[key]}; {why}")
+    if "parameters" in now and "parameters" in saved:
+        diff = parameter_differences(saved["parameters"], now["parameters"])
+        if diff:
+            more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
+            raise ConfigError(f"{flag}: this config builds another model than {folder} holds: {'; '.join(diff[:2])}"
+                              f"{more}; model.*, head.* and loss.n_sublogits must be the run's")
+
+
+def parameter_differences(saved: dict, now: dict) -> list:
+    """Readable differences between two {parameter name: shape} maps, in the model's order."""
+    diff = [f"{k} is {tuple(v)} here, {tuple(saved[k])} in the checkpoint" for k, v in now.items()
+            if k in saved and list(saved[k]) != list(v)]
+    diff += [f"{k} is not in the checkpoint" for k in now if k not in saved]
+    diff += [f"the checkpoint's {k} is not in this model" for k in saved if k not in now]
+    return diff
+
+
 
 
 def _end_of_epoch(epoch_done, state, t, total_steps, run_eval, save, d, pbar):
@@ -602,6 +644,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
     or one step folder in it) or from an exported student .safetensors. A checkpoint folder's student is
     also exported next to it (student.safetensors + .json in the step folder)."""
     p = Path(checkpoint_path)
+    if not p.exists():
+        raise ConfigError(f"--checkpoint: {p} not found")
     with _distributed() as d:
         if p.suffix == ".safetensors":
             return _eval_export(cfg, p, d)
@@ -625,6 +669,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                          "the run's exported student.safetensors)")
             full = True  # a checkpoint from before layout.json: try
         teacher, distiller, mean, std = build_models(cfg, d.device)
+        check_layout(saved, {"parameters": run_layout(cfg, d.world, distiller)["parameters"]}, ckpt_dir / tag,
+                     "--checkpoint")
         _, val_loader = build_loaders(cfg, mean, std, d)
         ds_config = deepspeed_config(cfg, d.world)
         init_process_group(d)

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from engine.errors import output_path_problem
+
 # (name, Case kwargs, quick?). The ImageNet head takes ~1-2 minutes in the CPU interpreter: full run only.
 SHAPES = [
     ("odd", dict(B=47, C=123, n=3, Dp=40, Dt=24, teacher_grad=True), True),
@@ -49,6 +51,10 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
     output's error and tolerance), written atomically at the end."""
     device = resolve_device(device)
     if device is None:
+        return 2
+    problem = output_path_problem(json_path, directory=False) if json_path else None
+    if problem:
+        print(f"hcd verify: error: --json: {problem}", file=sys.stderr)
         return 2
     # CPU needs the interpreter; CUDA must not use it (it would run bf16 dots wrongly, and slowly).
     interpret = device == "cpu"

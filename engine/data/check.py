@@ -3,7 +3,7 @@
 PATH is a split (class sub-folders) or a dataset root holding train/ and/or val/ splits. Bad: a file
 in a class folder that PIL cannot fully decode, or that is not an image (the loaders ignore such
 files, so they are reported rather than silently left out), a stray file beside the class folders, an
-empty class folder. Returns 2 if anything is bad, else 0; a missing folder raises DataError.
+empty class folder, a val class folder that train does not have (training would refuse it). Returns 2 if anything is bad, else 0; a missing folder raises DataError.
 """
 import os
 import sys
@@ -52,11 +52,16 @@ def _walk_split(folder: Path):
 def run_data_check(path, workers: Optional[int] = None) -> int:
     from tqdm import tqdm
 
-    root = Path(path)
+    root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"{path}: dataset folder not found")
     splits = [(s, root / s) for s in SPLITS if (root / s).is_dir()] or [(root.name or str(root), root)]
     walked = [(name, folder, *_walk_split(folder)) for name, folder in splits]
+    by_name = {w[0]: w for w in walked}
+    if "train" in by_name and "val" in by_name:  # the loaders label val with the train classes
+        _, val_folder, val_files, val_problems = by_name["val"]
+        val_problems.extend((str(val_folder / c), "class folder not among the train classes")
+                            for c in val_files if c not in by_name["train"][2])
     all_files = [f for _, _, files, _ in walked for fs in files.values() for f in fs]
     workers = workers or os.cpu_count() or 1
     # Threads suffice: Pillow releases the GIL while it decodes.

@@ -101,10 +101,11 @@ def read_list(list_file: Path, folder: Path, classes: Optional[Sequence[str]] = 
 def load_split(root: str, split_dir: str, list_file: Optional[str] = None,
                classes: Optional[Sequence[str]] = None) -> Split:
     """root/split_dir as class folders, or the list file (absolute, or relative to root)."""
-    folder = Path(root) / split_dir
+    root = Path(root).expanduser()
+    folder = root / split_dir
     if list_file is not None:
-        lf = Path(list_file)
-        return read_list(lf if lf.is_absolute() else Path(root) / lf, folder, classes)
+        lf = Path(list_file).expanduser()
+        return read_list(lf if lf.is_absolute() else root / lf, folder, classes)
     if not folder.is_dir():
         raise DataError(f"{folder}: dataset folder not found")
     return scan_folder(folder, classes)

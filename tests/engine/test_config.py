@@ -51,6 +51,10 @@ def test_round_trip_through_dump(tmp_path):
     ("head.stages=[0,5]", "head.stages"),
     ("head.stages=[4,2]", "head.stages"),   # the student returns features in network order
     ("head.stages=[2,2]", "head.stages"),
+    ("optim.betas=[2,3]", "optim.betas"),
+    ("optim.betas=[a,b]", "optim.betas"),
+    ("=3", "--set =3: no key"),
+    ("foo.bar=1", "foo: unknown key"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("optim.lr=-1", "optim.lr"),
     ("seed.x=1", "seed"),

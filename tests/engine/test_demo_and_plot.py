@@ -30,3 +30,30 @@ def test_plot_redraws_curves(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert main(["plot", str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    # a damaged line in the middle is one line naming the file and the line, exit 2
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
+    assert main(["plot", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "metrics.jsonl: line 2 is not valid JSON" in err
+
+
+def test_demo_data_root_as_shipped_means_the_cache(tmp_path, monkeypatch):
+    """demo.yaml's data.root stands for $HCD_CACHE/digits (build_digits(None)); a --set root is used as given."""
+    import engine.data.demo as data_demo
+    import engine.demo as demo
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build(root):
+        seen.append(root)
+        raise Stop
+
+    monkeypatch.setattr(data_demo, "build_digits", fake_build)
+    for i, overrides in enumerate(((), (f"data.root={tmp_path / 'mine'}",))):
+        try:
+            demo.run_demo(out=str(tmp_path / f"out{i}"), overrides=overrides)
+        except Stop:
+            pass
+    assert seen == [None, str(tmp_path / "mine")]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.config import ScheduleConfig
+from engine.errors import DataError
 from engine.metrics import accuracy, read_metrics, topk_correct
 from engine.schedule import lr_multiplier, make_lr_lambda, warmup_steps
 
@@ -61,8 +62,9 @@ def test_read_metrics_drops_a_truncated_last_line_only(tmp_path):
     p.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(p)] == [1, 2]  # a crash mid-write must not block --resume
     p.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
-    with pytest.raises(ValueError):
-        read_metrics(p)  # damage in the middle is not silently skipped
+    with pytest.raises(DataError, match=rf"^{p}: line 1 is not valid JSON"):
+        read_metrics(p)  # damage in the middle is not silently skipped: one line naming file and line
+    assert read_metrics(tmp_path / "missing.jsonl") == []  # a run folder whose metrics were lost
 
 
 def test_fractional_steps_per_epoch_count_epochs_by_steps_taken():

@@ -270,14 +270,40 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
     ckpt = run / "checkpoints"
     tag = read_pointer(ckpt, "latest")
     layout = json.loads((ckpt / tag / "layout.json").read_text())
+    shapes = layout.pop("parameters")
     assert layout == {"world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
                       "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd"}
+    assert shapes["cfms.0.out.weight"] == [4 * 5, 512 + 48]  # n*C x (Dp + Dt): ResNet18 512, tiny ViT 48
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert main([*args, "--resume", "--set", "train.grad_accum=2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--resume: train.grad_accum is 2 but" in err and "written with 1" in err, err
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    for command, needle in (
+            ([*args, "--resume", "--set", "train.grad_accum=2"], "--resume: train.grad_accum is 2 but"),
+            # another model (here: n = 2 sub-logits) is refused before DeepSpeed reads anything
+            ([*args, "--resume", "--set", "loss.n_sublogits=2"],
+             "--resume: this config builds another model than"),
+            # a fresh run into the folder would replace its checkpoints
+            (args, "already holds a run with checkpoints; pass --resume"),
+            (["eval", "--config", cfg, "--checkpoint", str(ckpt), "--set", "loss.n_sublogits=2"],
+             "--checkpoint: this config builds another model than")):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # config.yaml too
+    assert "cfms.0.out.weight is (10, 560) here, (20, 560) in the checkpoint" in err
+
+
+def test_a_run_that_saved_no_checkpoint_says_how_to_start_again(tmp_path, capsys, write_config):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "teacher", "step": 0}) + "\n")
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--config", cfg, "--out", str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"remove {run / 'metrics.jsonl'}" in err, err
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "file")]) == 2
+    assert "--out: " in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
 
 
 def test_layout_check_names_the_world_size_and_accepts_old_checkpoints(tmp_path):

@@ -1,4 +1,6 @@
 """hcd data-check: counts per split, every bad file named, exit code 2 when any."""
+import shutil
+
 import pytest
 
 from engine.cli import main
@@ -26,11 +28,15 @@ def test_bad_files_named(dataset_copy, capsys):
     planted[3].write_bytes(b"")
     planted[4].write_bytes(b"")
     (dataset_copy / "train" / "empty").mkdir()
+    wasp = dataset_copy / "val" / "wasp"  # decodable images, but a class train does not have
+    wasp.mkdir()
+    shutil.copy(next((dataset_copy / "val" / "ant").glob("*.jpg")), wasp / "w.jpg")
     assert run_data_check(dataset_copy, workers=2) == 2
     out = capsys.readouterr().out
     for p in planted + [dataset_copy / "train" / "empty"]:
         assert f"BAD {p}:" in out
-    assert out.count("BAD ") == len(planted) + 1
+    assert f"BAD {wasp}: class folder not among the train classes" in out
+    assert out.count("BAD ") == len(planted) + 2
     assert "train: 30 images in 4 classes" in out
 
 

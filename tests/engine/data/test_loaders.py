@@ -162,6 +162,14 @@ def test_file_list(dataset, tmp_path):
         build_loaders(cfg, MEAN, STD)
 
 
+def test_home_relative_root(dataset, monkeypatch):
+    """data.root: ~/... works in every config, as it does in demo.yaml."""
+    monkeypatch.setenv("HOME", str(dataset.parent))
+    cfg = DataConfig(root=f"~/{dataset.name}", loader="torch", batch_size=2, num_workers=0, img_size=16)
+    train, val = build_loaders(cfg, MEAN, STD)
+    assert train.classes == SORTED and val.num_samples == len(SORTED) * VAL_PER_CLASS
+
+
 def test_loader_choice(dataset, monkeypatch, tmp_path):
     train, _ = make(dataset, "auto")
     assert train.backend == "torch"                 # no CUDA here
