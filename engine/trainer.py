@@ -486,7 +486,9 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
                 state["step"] += 1
                 pbar.update(1)
 
-                if state["step"] % t.log_every == 0 or state["step"] == total_steps:
+                stopping = stop_now or (t.stop_at_step is not None and state["step"] >= t.stop_at_step)
+                # a stop logs the steps since the last row too (every rank agrees on it: flags are all-reduced)
+                if state["step"] % t.log_every == 0 or state["step"] == total_steps or stopping:
                     if d.world > 1:
                         dist.all_reduce(sums)
                     vals = (sums / (n_micro * d.world)).tolist()  # the metrics host sync
