@@ -60,8 +60,15 @@ def _plot(args):
     return plot_run(args.run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (exit 2), like every other bad input; the usage stays in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hcd", description="Heterogeneous Complementary Distillation engine")
+    p = _Parser(prog="hcd", description="Heterogeneous Complementary Distillation engine")
     # The `deepspeed` launcher inserts --local_rank=N before the subcommand; ranks come from LOCAL_RANK.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

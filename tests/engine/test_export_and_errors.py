@@ -79,3 +79,16 @@ def test_deepspeed_file_with_another_stage_is_rejected(tmp_path, capsys, write_c
     code = main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set",
                  f"deepspeed.config_file={tmp_path / 'z3.json'}", "--set", "deepspeed.zero_stage=2"])
     assert code == 2 and "deepspeed.zero_stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "--n", "abc"], "hcd bench: error: argument --n"),
+    (["train"], "hcd train: error: the following arguments are required: --config"),
+    (["frob"], "hcd: error: argument COMMAND: invalid choice"),
+])
+def test_argument_errors_are_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(needle) and "--help" in err, err
