@@ -74,6 +74,24 @@ def read_layout(ckpt_dir: Path, tag: str) -> Optional[dict]:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def legacy_parameter_shapes(ckpt_dir: Path, tag: str) -> Optional[dict]:
+    """{parameter name: shape} of a checkpoint whose layout.json predates the shapes, read from DeepSpeed's
+    model-states file without starting DeepSpeed (its ZeRO param_shapes when present, else the module state,
+    buffers included); names without EngineModule's "distiller." prefix. None when unreadable."""
+    f = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"
+    try:
+        states = torch.load(f, map_location="cpu", weights_only=False)  # our own file (DeepSpeed's format)
+    except Exception:  # noqa: BLE001 -- missing or foreign: the caller loads as before
+        return None
+    shapes = {}
+    for group in states.get("param_shapes") or []:  # ZeRO >= 1 (ZeRO-3's module state holds empty partitions)
+        shapes.update({k: list(v) for k, v in group.items()})
+    if not shapes:
+        shapes = {k: list(v.shape) for k, v in (states.get("module") or {}).items() if hasattr(v, "shape")}
+    prefix = "distiller."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()} or None
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
          best: bool = False, written: bool = False, layout: Optional[dict] = None) -> str:
     """Collective (every rank calls it): write step `step` atomically and move the pointers.

@@ -176,11 +176,18 @@ def feature_widths(teacher: str, student: str, num_classes: int, teacher_kwargs:
                    student_kwargs: Optional[dict] = None) -> Tuple[int, int]:
     """(D_s, D_t) of a student / teacher pair, from models built on the meta device: no weights are
     allocated or loaded (a shape question must not need a checkpoint or the hub). Names and families are
-    checked as for a run."""
-    with torch.device("meta"):
-        t = _build_timm("teacher", teacher, TEACHER_FAMILIES, num_classes, None, False, teacher_kwargs)
-        s = _build_timm("student", student, STUDENT_FAMILIES, num_classes, None, False, student_kwargs)
-    return s.num_features, pre_logits_width(t)
+    checked as for a run. timm releases before ~1.0.21 read drop-path rates out of a tensor while building
+    ViT/DeiT/Swin, which the meta device cannot do: those models are then built on the CPU instead."""
+    widths = []
+    for role, name, families, kwargs in (("student", student, STUDENT_FAMILIES, student_kwargs),
+                                         ("teacher", teacher, TEACHER_FAMILIES, teacher_kwargs)):
+        try:
+            with torch.device("meta"):
+                model = _build_timm(role, name, families, num_classes, None, False, kwargs)
+        except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" (older timm)
+            model = _build_timm(role, name, families, num_classes, None, False, kwargs)
+        widths.append(model.num_features if role == "student" else pre_logits_width(model))
+    return widths[0], widths[1]
 
 
 def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None, pretrained: bool = False,

@@ -313,7 +313,7 @@ def _distributed():
 
 def train(cfg: Config, out=None, resume: bool = False) -> int:
     """Distil cfg.model.student from cfg.model.teacher with HCD; returns the process exit code."""
-    run = Path(out or cfg.out)
+    run = Path(out or cfg.out).expanduser()
     with _distributed() as d:
         try:
             return _train(cfg, run, resume, d)
@@ -336,11 +336,15 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if problem:
         raise ConfigError(f"--out: {problem}")
     resume_tag = checkpoint.read_pointer(ckpt_dir, "latest")
+    steps = sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
     if resume and resume_tag is None:
+        if steps:  # the pointer was lost (a crash between a save's rename and its pointer update)
+            raise ConfigError(f"--resume: {ckpt_dir}/latest names no checkpoint, but {', '.join(steps)} exist: "
+                              f"write one of them into {ckpt_dir / 'latest'} (e.g. {steps[-1]}) and resume again")
         stopped = " (the run stopped before its first save: start afresh with another --out, or remove " \
                   f"{run / 'metrics.jsonl'})" if (run / "metrics.jsonl").exists() else " (nothing to resume)"
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}{stopped}")
-    if not resume and resume_tag is not None:
+    if not resume and (resume_tag is not None or steps):
         raise ConfigError(f"--out: {run} already holds a run with checkpoints; pass --resume to continue it or "
                           "choose another --out (a fresh run would replace them)")
     if not resume and (run / "metrics.jsonl").exists():
@@ -366,7 +370,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     layout = run_layout(cfg, d.world, distiller)
     prior_rows = []
     if resume:  # before anything is written or loaded: a mismatch must leave the run as it is
-        check_layout(checkpoint.read_layout(ckpt_dir, resume_tag), layout, ckpt_dir / resume_tag)
+        check_layout(saved_layout(ckpt_dir, resume_tag, layout["parameters"]), layout, ckpt_dir / resume_tag)
         prior_rows = read_metrics(run / "metrics.jsonl")
     ds_config = deepspeed_config(cfg, d.world)
     init_process_group(d)
@@ -566,7 +570,7 @@ def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None)
 
 def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--resume",
                  why: str = "a run resumes only with the same world size, data.batch_size, train.grad_accum, "
-                            "deepspeed.zero_stage, train.precision and optim.name") -> None:
+                            "deepspeed.zero_stage, train.precision and optim.name", hint: str = "") -> None:
     """One-line ConfigError naming the first field of `now` that differs from the checkpoint's, or the
     first parameters whose shapes differ (none: a checkpoint written before layouts were kept, or before
     they held the parameters, is loaded as before)."""
@@ -580,7 +584,18 @@ def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--
         if diff:
             more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
             raise ConfigError(f"{flag}: this config builds another model than {folder} holds: {'; '.join(diff[:2])}"
-                              f"{more}; model.*, head.* and loss.n_sublogits must be the run's")
+                              f"{more}; model.*, head.* and loss.n_sublogits must be the run's{hint}")
+
+
+def saved_layout(ckpt_dir: Path, tag: str, params: dict) -> Optional[dict]:
+    """A checkpoint's layout.json, with parameter shapes even when it was written before they were kept
+    (then recovered from DeepSpeed's model-states file, buffers included: this model's names only)."""
+    saved = checkpoint.read_layout(ckpt_dir, tag)
+    if saved is not None and "parameters" not in saved:
+        legacy = checkpoint.legacy_parameter_shapes(ckpt_dir, tag)
+        if legacy:
+            saved["parameters"] = {k: v for k, v in legacy.items() if k in params}
+    return saved
 
 
 def parameter_differences(saved: dict, now: dict) -> list:
@@ -671,8 +686,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                          "the run's exported student.safetensors)")
             full = True  # a checkpoint from before layout.json: try
         teacher, distiller, mean, std = build_models(cfg, d.device)
-        check_layout(saved, {"parameters": run_layout(cfg, d.world, distiller)["parameters"]}, ckpt_dir / tag,
-                     "--checkpoint")
+        shapes = run_layout(cfg, d.world, distiller)["parameters"]
+        check_layout(saved_layout(ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag, "--checkpoint",
+                     hint="; the run's exported student.safetensors evaluates under any head settings")
         _, val_loader = build_loaders(cfg, mean, std, d)
         ds_config = deepspeed_config(cfg, d.world)
         init_process_group(d)

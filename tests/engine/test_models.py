@@ -139,3 +139,21 @@ def test_feature_widths_without_weights():
     assert feature_widths("deit_tiny_patch16_224", "resnet18", 1000) == (512, 192)
     with pytest.raises(ModelError, match="model.student: unknown timm model 'resnet_nope'"):
         feature_widths("deit_tiny_patch16_224", "resnet_nope", 1000)
+
+
+def test_feature_widths_fall_back_to_cpu_where_meta_fails(monkeypatch):
+    """timm < ~1.0.21 reads drop-path rates out of a tensor while building ViT/DeiT/Swin: impossible on meta."""
+    import engine.models as models
+    real = models._build_timm
+    seen = []
+
+    def old_timm(*args, **kwargs):
+        on_meta = torch.empty(0).device.type == "meta"
+        seen.append(on_meta)
+        if on_meta:
+            raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_build_timm", old_timm)
+    assert feature_widths("deit_tiny_patch16_224", "resnet18", 10) == (512, 192)
+    assert seen == [True, False, True, False]  # tried on meta, then built on the CPU, for each model

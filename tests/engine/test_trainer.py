@@ -291,6 +291,20 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
         assert "\n" not in err and needle in err, err
         assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # config.yaml too
     assert "cfms.0.out.weight is (10, 560) here, (20, 560) in the checkpoint" in err
+    # a checkpoint written before layout.json kept the shapes: recovered from DeepSpeed's model-states file
+    (ckpt / tag / "layout.json").write_text(json.dumps(layout))
+    for command in ([*args, "--resume", "--set", "loss.n_sublogits=2"],
+                    ["eval", "--config", cfg, "--checkpoint", str(ckpt), "--set", "loss.n_sublogits=2"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "cfms.0.out.weight is (10, 560) here, (20, 560) in the checkpoint" in err, err
+    # a lost `latest` pointer: resume says which step folders exist; a fresh run still refuses the folder
+    (ckpt / "latest").unlink()
+    assert main([*args, "--resume"]) == 2
+    assert f"write one of them into {ckpt / 'latest'} (e.g. {tag})" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "already holds a run with checkpoints" in capsys.readouterr().err
+    assert (ckpt / tag).is_dir()
 
 
 def test_a_run_that_saved_no_checkpoint_says_how_to_start_again(tmp_path, capsys, write_config):
