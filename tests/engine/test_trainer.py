@@ -248,15 +248,18 @@ def test_deepspeed_launcher_two_processes(tmp_path, write_config, train_rows):
 
 
 def test_a_stale_checkpoint_folder_of_the_same_step_is_replaced(tmp_path, write_config):
-    # A crash between a step folder's rename and its pointer update leaves step-N behind; a run that reaches
-    # step N again must write its own weights there, not point `latest` at the crashed run's folder.
+    # A crash between a step folder's rename and its pointer update leaves step-N behind (`latest` still names
+    # the previous save); the resumed run that reaches step N again must write its own weights there, not
+    # point `latest` at the crashed run's folder.
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
+    args = ["train", "--config", cfg, "--out", str(run), "--set", "train.export=false"]
+    assert main([*args, "--set", "train.max_steps=3"]) == 0
+    assert read_pointer(run / "checkpoints", "latest") == "step-00000003"
     stale = run / "checkpoints" / "step-00000006"
     stale.mkdir(parents=True)
     (stale / "left_by_a_crash.txt").write_text("other weights")
-    assert main(["train", "--config", cfg, "--out", str(run), "--set", "train.max_steps=6",
-                 "--set", "train.export=false"]) == 0
+    assert main([*args, "--set", "train.max_steps=6", "--resume"]) == 0
     assert read_pointer(run / "checkpoints", "latest") == "step-00000006"
     assert not (stale / "left_by_a_crash.txt").exists()
     assert list(stale.rglob("*model_states.pt")) and (stale / "rng_rank0.pt").is_file()
