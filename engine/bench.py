@@ -77,11 +77,16 @@ def _mode_cost(launches: dict, mode: str):
     return sum(f for f, _ in picked), sum(b for _, b in picked)
 
 
-def head_cost(shape: Case, dtype_bytes: int, mode: str):
-    """(FLOP, bytes) of one stage's head in `mode`, from the fused launch plan's own model."""
+def head_launch_costs(shape: Case, dtype_bytes: int) -> dict:
+    """Per-launch (FLOP, bytes) of one stage's head at `shape`, from the fused launch plan's own model."""
     from kernels.hcd_head import head_flops_bytes
-    return _mode_cost(head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes,
-                                       x_teacher_grad=not shape.frozen_teacher_feature), mode)
+    return head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes,
+                            x_teacher_grad=not shape.frozen_teacher_feature)
+
+
+def head_cost(shape: Case, dtype_bytes: int, mode: str):
+    """(FLOP, bytes) of one stage's head in `mode`."""
+    return _mode_cost(head_launch_costs(shape, dtype_bytes), mode)
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
@@ -204,10 +209,8 @@ def profile_rows(device) -> List[dict]:
             fn = mode_fn(head_loss_fn(inp, cfg, backend), "full")
             prof, err = try_cuda(lambda: launch_profile(fn, grads))
             if prof and backend == "triton":
-                from kernels.hcd_head import head_flops_bytes
                 nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
-                annotate_launches(prof["launches"], head_flops_bytes(s.B, s.C, s.n, s.Dp, s.Dt, nbytes,
-                                                                     x_teacher_grad=not s.frozen_teacher_feature))
+                annotate_launches(prof["launches"], head_launch_costs(s, nbytes))
             rows.append({"kernel": "head", "shape": shape_dict(s), "dtype": dtype_name, "mode": "full",
                          "backend": backend, "host_ms": host_ms(fn, grads), **(prof or {}), "error": err})
     return rows

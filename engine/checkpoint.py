@@ -30,6 +30,12 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_tags(ckpt_dir: Path) -> list:
+    """The complete step folders present (pointed at or not), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    return sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
+
+
 def read_pointer(ckpt_dir: Path, name: str) -> Optional[str]:
     """The step folder a pointer names, or None if there is no (valid) pointer."""
     p = Path(ckpt_dir) / name

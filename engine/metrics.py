@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from engine.errors import DataError
+
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
     """Number of samples whose label is among the k highest logits, for each k (a float tensor on the
@@ -57,7 +59,6 @@ class MetricsLog:
 def read_metrics(path) -> list:
     """The rows of a metrics.jsonl; a truncated last line (a crash mid-write) is dropped, not fatal; a
     missing file has no rows. Any other unreadable line is a DataError naming the file and line."""
-    from engine.errors import DataError
     path = Path(path)
     if not path.exists():
         return []

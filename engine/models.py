@@ -178,16 +178,15 @@ def feature_widths(teacher: str, student: str, num_classes: int, teacher_kwargs:
     allocated or loaded (a shape question must not need a checkpoint or the hub). Names and families are
     checked as for a run. timm releases before ~1.0.21 read drop-path rates out of a tensor while building
     ViT/DeiT/Swin, which the meta device cannot do: those models are then built on the CPU instead."""
-    widths = []
-    for role, name, families, kwargs in (("student", student, STUDENT_FAMILIES, student_kwargs),
-                                         ("teacher", teacher, TEACHER_FAMILIES, teacher_kwargs)):
+    def build(role, name, families, kwargs):
         try:
             with torch.device("meta"):
-                model = _build_timm(role, name, families, num_classes, None, False, kwargs)
+                return _build_timm(role, name, families, num_classes, None, False, kwargs)
         except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" (older timm)
-            model = _build_timm(role, name, families, num_classes, None, False, kwargs)
-        widths.append(model.num_features if role == "student" else pre_logits_width(model))
-    return widths[0], widths[1]
+            return _build_timm(role, name, families, num_classes, None, False, kwargs)
+
+    d_s = build("student", student, STUDENT_FAMILIES, student_kwargs).num_features
+    return d_s, pre_logits_width(build("teacher", teacher, TEACHER_FAMILIES, teacher_kwargs))
 
 
 def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None, pretrained: bool = False,

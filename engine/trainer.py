@@ -336,7 +336,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if problem:
         raise ConfigError(f"--out: {problem}")
     resume_tag = checkpoint.read_pointer(ckpt_dir, "latest")
-    steps = sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    steps = checkpoint.step_tags(ckpt_dir)
     if resume and resume_tag is None:
         if steps:  # the pointer was lost (a crash between a save's rename and its pointer update)
             raise ConfigError(f"--resume: {ckpt_dir}/latest names no checkpoint, but {', '.join(steps)} exist: "
@@ -370,7 +370,9 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     layout = run_layout(cfg, d.world, distiller)
     prior_rows = []
     if resume:  # before anything is written or loaded: a mismatch must leave the run as it is
-        check_layout(saved_layout(ckpt_dir, resume_tag, layout["parameters"]), layout, ckpt_dir / resume_tag)
+        saved = with_legacy_shapes(checkpoint.read_layout(ckpt_dir, resume_tag), ckpt_dir, resume_tag,
+                                   layout["parameters"])
+        check_layout(saved, layout, ckpt_dir / resume_tag)
         prior_rows = read_metrics(run / "metrics.jsonl")
     ds_config = deepspeed_config(cfg, d.world)
     init_process_group(d)
@@ -564,8 +566,12 @@ def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None)
               "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
               "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
     if model is not None:
-        layout["parameters"] = {name: list(p.shape) for name, p in model.named_parameters()}
+        layout["parameters"] = parameter_shapes(model)
     return layout
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict:
+    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--resume",
@@ -587,15 +593,13 @@ def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--
                               f"{more}; model.*, head.* and loss.n_sublogits must be the run's{hint}")
 
 
-def saved_layout(ckpt_dir: Path, tag: str, params: dict) -> Optional[dict]:
-    """A checkpoint's layout.json, with parameter shapes even when it was written before they were kept
-    (then recovered from DeepSpeed's model-states file, buffers included: this model's names only)."""
-    saved = checkpoint.read_layout(ckpt_dir, tag)
-    if saved is not None and "parameters" not in saved:
-        legacy = checkpoint.legacy_parameter_shapes(ckpt_dir, tag)
-        if legacy:
-            saved["parameters"] = {k: v for k, v in legacy.items() if k in params}
-    return saved
+def with_legacy_shapes(saved: Optional[dict], ckpt_dir: Path, tag: str, params: dict) -> Optional[dict]:
+    """A checkpoint's layout (read_layout), with parameter shapes even when it was written before they were
+    kept: then recovered from DeepSpeed's model-states file, buffers included, so this model's names only."""
+    if saved is None or "parameters" in saved:
+        return saved
+    legacy = checkpoint.legacy_parameter_shapes(ckpt_dir, tag)
+    return dict(saved, parameters={k: v for k, v in legacy.items() if k in params}) if legacy else saved
 
 
 def parameter_differences(saved: dict, now: dict) -> list:
@@ -605,8 +609,6 @@ def parameter_differences(saved: dict, now: dict) -> list:
     diff += [f"{k} is not in the checkpoint" for k in now if k not in saved]
     diff += [f"the checkpoint's {k} is not in this model" for k in saved if k not in now]
     return diff
-
-
 
 
 def _end_of_epoch(epoch_done, state, t, total_steps, run_eval, save, d, pbar):
@@ -686,9 +688,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                          "the run's exported student.safetensors)")
             full = True  # a checkpoint from before layout.json: try
         teacher, distiller, mean, std = build_models(cfg, d.device)
-        shapes = run_layout(cfg, d.world, distiller)["parameters"]
-        check_layout(saved_layout(ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag, "--checkpoint",
-                     hint="; the run's exported student.safetensors evaluates under any head settings")
+        shapes = parameter_shapes(distiller)
+        check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag,
+                     "--checkpoint", hint="; the run's exported student.safetensors evaluates under any head settings")
         _, val_loader = build_loaders(cfg, mean, std, d)
         ds_config = deepspeed_config(cfg, d.world)
         init_process_group(d)
