@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     "pillow>=9.0",
 ]
 
+# The repository keeps engine/ and kernels/ at its top level; they install as hcd.engine and hcd.kernels so
+# that they never collide with other top-level packages of those names (Hugging Face's `kernels`).
+PACKAGE_DIR = {"hcd.engine": "engine", "hcd.kernels": "kernels"}
+PACKAGES = ["hcd"] + [f"hcd.{p}" for p in find_packages(include=["engine", "engine.*", "kernels", "kernels.*"])]
+
 EXTRAS = {
     "dali": ["nvidia-dali-cuda120>=1.40"],
     "test": ["pytest>=7.4", "pytest-benchmark>=4.0"],
@@ -32,8 +37,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["hcd=engine.cli:main"]},
+    entry_points={"console_scripts": ["hcd=hcd.engine.cli:main"]},
 )

@@ -10,11 +10,11 @@ time real CPU arithmetic (the gradient scale) instead of host overhead.
 import pytest
 import torch
 
-import kernels
-from engine.bench import STUDENT_SHAPES
-from engine.bench_shapes import headline_shape
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
-from kernels.compare import make_inputs
+import hcd.kernels as kernels
+from hcd.engine.bench import STUDENT_SHAPES
+from hcd.engine.bench_shapes import headline_shape
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels.compare import make_inputs
 
 HEAD_ARGS = ("x_student", "x_teacher", "weight", "bias", "teacher_logits", "student_logits", "target")
 
@@ -26,8 +26,8 @@ class _NoLaunch:
 
 @pytest.fixture
 def no_launches(monkeypatch):
-    import kernels.hcd_head as head
-    import kernels.student as student
+    import hcd.kernels.hcd_head as head
+    import hcd.kernels.student as student
     for module, name in ((head, "_gemm_kernel"), (head, "_head_row_kernel"), (student, "_student_row_kernel")):
         monkeypatch.setattr(module, name, _NoLaunch())
     monkeypatch.setattr(kernels, "resolve_backend", lambda backend, device: "triton")  # no interpreter check

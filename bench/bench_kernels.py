@@ -9,10 +9,10 @@ Inputs and references come from the tests (tests/kernels/helpers.py), so benchma
 import pytest
 import torch
 
-from engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
+from hcd.engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
                           mode_fn, student_loss_fn)
-from engine.bench_shapes import gpu_head_shapes
-from kernels import HCDLossConfig
+from hcd.engine.bench_shapes import gpu_head_shapes
+from hcd.kernels import HCDLossConfig
 from tests.kernels.helpers import make_inputs
 
 CUDA = torch.cuda.is_available()

@@ -19,9 +19,9 @@ mkdir -p "$dest"
   date -u +%Y-%m-%dT%H:%MZ
 } > "$dest/machine.txt" 2>&1
 
-timeout 100 python -m engine.cli verify --json "$dest/verify.json" > "$dest/verify.txt" 2>&1
+timeout 100 python -m hcd.engine.cli verify --json "$dest/verify.json" > "$dest/verify.txt" 2>&1
 verify_rc=$?
-timeout 330 python -m engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
+timeout 330 python -m hcd.engine.cli bench --quick --out "$dest" > "$dest/bench.txt" 2>&1
 bench_rc=$?
 # the cases only CUDA can check (bf16, unchecked labels, the frozen-operand launches); the rest of the
 # file runs in the interpreter on every CPU machine, and `hcd verify` covered fp32/fp16/bf16 above
@@ -38,7 +38,7 @@ if [ "$bench_rc" -eq 0 ]; then
 else  # cut short or failed: its last lines, then the rows it wrote (the JSON is rewritten after each row)
   tr '\r' '\n' < "$dest/bench.txt" | grep -v -E "it/s|s/it" | tail -n 8
   for f in "$dest"/*.json; do
-    [ -f "$f" ] && [ "$(basename "$f")" != verify.json ] && python -m engine.cli bench --report "$f"
+    [ -f "$f" ] && [ "$(basename "$f")" != verify.json ] && python -m hcd.engine.cli bench --report "$f"
   done
 fi
 [ "$verify_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]

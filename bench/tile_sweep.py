@@ -1,8 +1,8 @@
 """Tile sweep of the fused head's launches on one GPU: which GEMM tiles and row-kernel warps are fastest.
 
-At the benchmark issue's headline shape (engine.bench_shapes: B=256, C=1000, n=4, Swin-T -> ResNet18's
+At the benchmark issue's headline shape (hcd.engine.bench_shapes: B=256, C=1000, n=4, Swin-T -> ResNet18's
 Dp=Dt=768) as in training (the teacher feature frozen, so dX covers the Dp columns only), for bf16 and fp32
-activations, every candidate of each launch is timed alone as device time (engine.timing.graph_ms: 10
+activations, every candidate of each launch is timed alone as device time (hcd.engine.timing.graph_ms: 10
 launches captured in a CUDA graph and replayed), and its output is checked against the default choice's (a
 tile changes only the summation order). The default is marked "*", the fastest "<"; a candidate that does
 not compile on this card (shared memory) shows its error.
@@ -31,10 +31,10 @@ ROW_WARPS = [2, 4, 8, 16]
 def launches(dtype: torch.dtype, device) -> dict:
     """name -> (run(tile) -> output tensor, candidates, flops): the fused head's heavy launches on the
     inputs the tests and `hcd verify` use."""
-    from kernels import HCDLossConfig
-    from engine.bench_shapes import headline_shape
-    from kernels.compare import make_inputs
-    from kernels.hcd_head import _backward_dot, _gemm, _row_launch
+    from hcd.kernels import HCDLossConfig
+    from hcd.engine.bench_shapes import headline_shape
+    from hcd.kernels.compare import make_inputs
+    from hcd.kernels.hcd_head import _backward_dot, _gemm, _row_launch
     case = headline_shape()  # the teacher feature frozen, as in training
     cfg = HCDLossConfig(n_sublogits=case.n)
     inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case, dtype, device).items()}
@@ -74,8 +74,8 @@ def launches(dtype: torch.dtype, device) -> dict:
 
 
 def sweep(device) -> list:
-    from engine.bench import per_second
-    from engine.timing import graph_ms, try_cuda
+    from hcd.engine.bench import per_second
+    from hcd.engine.timing import graph_ms, try_cuda
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for name, (run, candidates, flops) in launches(dtype, device).items():
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.pop("TRITON_INTERPRET", None)
     rows = sweep(torch.device("cuda"))
-    from engine.bench import commit, versions, write_json
+    from hcd.engine.bench import commit, versions, write_json
     path = Path(args.out) / "tile_sweep.json"
     write_json(path, {"device": torch.cuda.get_device_name(), "commit": commit(), "versions": versions(),
                       "rows": rows})

@@ -19,11 +19,11 @@ from typing import Callable, List, Optional
 
 import torch
 
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
-from engine.bench_shapes import configs_for, gpu_head_shapes, headline_shape
-from engine.errors import output_path_problem
-from engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
-from kernels.compare import Case, make_inputs
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.engine.bench_shapes import configs_for, gpu_head_shapes, headline_shape
+from hcd.engine.errors import output_path_problem
+from hcd.engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
+from hcd.kernels.compare import Case, make_inputs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "backward", "full")
@@ -36,9 +36,9 @@ ROOFLINES = {
 }
 
 
-# GPU head shapes: engine.bench_shapes (B, C per dataset; Dp, Dt from the shipped configs). CPU: small ones.
+# GPU head shapes: hcd.engine.bench_shapes (B, C per dataset; Dp, Dt from the shipped configs). CPU: small ones.
 # Heads as in training: the teacher feature x_teacher is frozen (no dX for its columns).
-# Inputs come from kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
+# Inputs come from hcd.kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
 CPU_SHAPES = [Case(64, 100, 4, 256, 192, frozen_teacher_feature=True),
               Case(128, 100, 4, 768, 768, frozen_teacher_feature=True)]
 INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
@@ -79,7 +79,7 @@ def _mode_cost(launches: dict, mode: str):
 
 def head_launch_costs(shape: Case, dtype_bytes: int) -> dict:
     """Per-launch (FLOP, bytes) of one stage's head at `shape`, from the fused launch plan's own model."""
-    from kernels.hcd_head import head_flops_bytes
+    from hcd.kernels.hcd_head import head_flops_bytes
     return head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes,
                             x_teacher_grad=not shape.frozen_teacher_feature)
 
@@ -90,7 +90,7 @@ def head_cost(shape: Case, dtype_bytes: int, mode: str):
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
-    from kernels.student import student_flops_bytes
+    from hcd.kernels.student import student_flops_bytes
     return _mode_cost(student_flops_bytes(B, C, dtype_bytes), mode)
 
 
@@ -241,7 +241,7 @@ def annotate_launches(launches: List[dict], costs: dict) -> None:
 # ------------------------------------------------------------------------------------------------ steps
 
 def bench_step_rows(device, quick=False) -> List[dict]:
-    from engine.step_bench import step_rows
+    from hcd.engine.step_bench import step_rows
     return step_rows(device, quick=quick)
 
 
@@ -391,7 +391,7 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
     every row ("complete": false), so a run cut short by a time limit keeps what it measured (`hcd bench
     --report FILE` prints it) and never replaces a finished file."""
-    from engine.verify import resolve_device
+    from hcd.engine.verify import resolve_device
     name = resolve_device(device, "bench")
     if name is None:
         return 2
@@ -484,7 +484,7 @@ def run_report(path: str) -> int:
 
 
 def loader_rows(quick) -> List[dict]:
-    from engine.loader_bench import loader_rows as rows
+    from hcd.engine.loader_bench import loader_rows as rows
     return rows(quick=quick)
 
 

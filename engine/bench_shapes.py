@@ -3,14 +3,14 @@ them (CIFAR-100: B=128, C=100; ImageNet: B=256, C=1000), D_p and D_t from the sh
 (configs/<dataset>/*.yaml), so the benchmarks follow the model pairs users train.
 
 D_s and D_t come from the configs' timm models built on the meta device (nothing allocated, loaded or
-downloaded); the fused head's input widths follow the distiller's rule (engine.distiller.head_input_widths).
+downloaded); the fused head's input widths follow the distiller's rule (hcd.engine.distiller.head_input_widths).
 """
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from kernels.compare import Case
+from hcd.kernels.compare import Case
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 DATASET_BATCH = {"cifar100": 128, "imagenet": 256}  # configs/<dataset>/ -> the benchmark batch B
@@ -30,9 +30,9 @@ class HeadWidths:
 @functools.lru_cache(maxsize=None)
 def config_widths(root: Path = CONFIG_ROOT) -> Tuple[HeadWidths, ...]:
     """Every shipped CIFAR-100 / ImageNet config's head widths, in (dataset, file name) order."""
-    from engine.config import load_config
-    from engine.distiller import head_input_widths
-    from engine.models import feature_widths
+    from hcd.engine.config import load_config
+    from hcd.engine.distiller import head_input_widths
+    from hcd.engine.models import feature_widths
     found = []
     for dataset in DATASET_BATCH:
         for path in sorted((Path(root) / dataset).glob("*.yaml")):

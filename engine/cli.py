@@ -9,21 +9,21 @@ import sys
 
 
 def _train(args):
-    from engine.config import load_config
+    from hcd.engine.config import load_config
     cfg = load_config(args.config, tuple(args.set or ()))
-    from engine.trainer import train
+    from hcd.engine.trainer import train
     return train(cfg, out=args.out, resume=args.resume)
 
 
 def _eval(args):
-    from engine.config import load_config
+    from hcd.engine.config import load_config
     cfg = load_config(args.config, tuple(args.set or ()))
-    from engine.trainer import evaluate_checkpoint
+    from hcd.engine.trainer import evaluate_checkpoint
     return evaluate_checkpoint(cfg, args.checkpoint)
 
 
 def _verify(args):
-    from engine.verify import run_verify
+    from hcd.engine.verify import run_verify
     return run_verify(device=args.device, quick=args.quick, json_path=args.json)
 
 
@@ -39,24 +39,24 @@ _int_list.__name__ = "comma-separated integer list"  # argparse names the type i
 
 
 def _bench(args):
-    from engine.bench import run_bench, run_report
+    from hcd.engine.bench import run_bench, run_report
     if args.report:
         return run_report(args.report)
     return run_bench(device=args.device, out_dir=args.out, quick=args.quick, dtypes=args.dtype, ns=args.n)
 
 
 def _data_check(args):
-    from engine.data.check import run_data_check
+    from hcd.engine.data.check import run_data_check
     return run_data_check(args.path, workers=args.workers)
 
 
 def _demo(args):
-    from engine.demo import run_demo
+    from hcd.engine.demo import run_demo
     return run_demo(out=args.out, overrides=tuple(args.set or ()))
 
 
 def _plot(args):
-    from engine.plot import plot_run
+    from hcd.engine.plot import plot_run
     return plot_run(args.run)
 
 
@@ -127,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.errors import USER_ERRORS
+    from hcd.engine.errors import USER_ERRORS
     try:
         code = args.func(args)
     except USER_ERRORS as e:
         print(f"hcd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("engine."):
+        if not (e.name or "").startswith("hcd.engine."):
             raise
         print(f"hcd {args.command}: not built yet ({e.name} is missing)", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from kernels.config import HCDLossConfig
+from hcd.kernels.config import HCDLossConfig
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,6 @@
 """`hcd demo`: the whole pipeline on the embedded digits data, on CPU in minutes.
 
-1. write the digits JPEG folder (engine.data.demo.build_digits; cached),
+1. write the digits JPEG folder (hcd.engine.data.demo.build_digits; cached),
 2. train the small ViT teacher from scratch (no hub weights on this path) and save it,
 3. distil the ResNet18 student with HCD through the real trainer (DeepSpeed, checkpoints, export, curves),
 4. print teacher and student accuracy, the wall time, and what the numbers do (not) show.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, load_config
+from hcd.engine.config import ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MARKER = ".hcd_demo"  # a run folder holding this was written by the demo and may be replaced by it
@@ -48,9 +48,9 @@ def _train_teacher(cfg, run: Path) -> Path:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from engine.data import build_loaders
-    from engine.models import norm_stats
-    from engine.trainer import evaluate
+    from hcd.engine.data import build_loaders
+    from hcd.engine.models import norm_stats
+    from hcd.engine.trainer import evaluate
 
     torch.manual_seed(cfg.seed)
     model = timm.create_model(cfg.model.teacher, num_classes=cfg.model.num_classes, **cfg.model.teacher_kwargs)
@@ -96,8 +96,8 @@ def _train_teacher(cfg, run: Path) -> Path:
 
 
 def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
-    from engine.data.demo import build_digits
-    from engine.trainer import train
+    from hcd.engine.data.demo import build_digits
+    from hcd.engine.trainer import train
 
     start = time.perf_counter()
     if not DEMO_CONFIG.is_file():

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 
 
 def _sep_block(c_in: int, c_out: int) -> nn.Sequential:

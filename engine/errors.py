@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Optional
 
-from engine.config import ConfigError
+from hcd.engine.config import ConfigError
 
 
 class DataError(ValueError):

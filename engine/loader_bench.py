@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.build import dali_available  # noqa: F401  (re-exported for bench/)
+from hcd.engine.data.build import dali_available  # noqa: F401  (re-exported for bench/)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -38,8 +38,8 @@ def make_photo_folder(root, n_per_class=64, classes=4, seed=0) -> Path:
 
 def build_pass(folder, backend, split, workers, batch_size=32, img_size=224):
     """A callable running one full pass over `split`; returns the number of images seen."""
-    from engine.config import DataConfig
-    from engine.data import build_loaders
+    from hcd.engine.config import DataConfig
+    from hcd.engine.data import build_loaders
     cfg = DataConfig(root=str(folder), loader=backend, batch_size=batch_size, num_workers=workers,
                      img_size=img_size)
     train, val = build_loaders(cfg, MEAN, STD, device=torch.device("cpu"))

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from engine.errors import DataError
+from hcd.engine.errors import DataError
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:

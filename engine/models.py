@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.errors import ModelError
+from hcd.engine.errors import ModelError
 
 # timm module names (timm.models.<family>) whose models give a pooled pre-logits vector and a classifier.
 TEACHER_FAMILIES = {

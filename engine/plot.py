@@ -1,8 +1,8 @@
 """Loss and accuracy curves of a run folder (RUN/curves.png) from its metrics.jsonl; matplotlib Agg."""
 from pathlib import Path
 
-from engine.errors import DataError
-from engine.metrics import read_metrics
+from hcd.engine.errors import DataError
+from hcd.engine.metrics import read_metrics
 
 # Drawn when present: the total and the unweighted parts of HCD_SPEC.md (a KL term taking over shows here).
 LOSS_KEYS = ("loss", "ce", "kd", "sce", "skl", "ol")

@@ -9,9 +9,9 @@ from typing import Callable, List
 
 import torch
 
-from engine.distiller import HCDDistiller
-from engine.models import build_student, build_teacher, norm_stats
-from kernels import HCDLossConfig, student_loss
+from hcd.engine.distiller import HCDDistiller
+from hcd.engine.models import build_student, build_teacher, norm_stats
+from hcd.kernels import HCDLossConfig, student_loss
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def build_step(setup: StepSetup, device, backend: str, kind: str = "hcd") -> Cal
 
 
 def step_rows(device, quick=False) -> List[dict]:
-    from engine.timing import time_ms
+    from hcd.engine.timing import time_ms
     setup = GPU_SETUP if device.type == "cuda" else CPU_SETUP
     fused = "auto"  # the engine's own choice: triton on CUDA, eager on CPU
     times = {}

@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint
-from engine.config import Config, ConfigError, dump_config
-from engine.errors import ModelError, output_path_problem
-from engine.metrics import MetricsLog, accuracy, read_metrics, topk_correct
+from hcd.engine import checkpoint
+from hcd.engine.config import Config, ConfigError, dump_config
+from hcd.engine.errors import ModelError, output_path_problem
+from hcd.engine.metrics import MetricsLog, accuracy, read_metrics, topk_correct
 
 # --------------------------------------------------------------------------------------- process group
 
@@ -108,16 +108,16 @@ def teardown_distributed(d: Dist) -> None:
 
 def build_loaders(cfg: Config, mean, std, d: Dist):
     if cfg.data.loader == "synthetic":
-        from engine.data.synthetic import build_synthetic_loaders
+        from hcd.engine.data.synthetic import build_synthetic_loaders
         return build_synthetic_loaders(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed,
                                        device=d.device, num_classes=cfg.model.num_classes)
-    from engine.data import build_loaders as build
+    from hcd.engine.data import build_loaders as build
     return build(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed, device=d.device)
 
 
 def build_models(cfg: Config, device):
-    from engine.distiller import HCDDistiller
-    from engine.models import build_student, build_teacher, norm_stats
+    from hcd.engine.distiller import HCDDistiller
+    from hcd.engine.models import build_student, build_teacher, norm_stats
     m = cfg.model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     student = build_student(m.student, m.num_classes, cfg.head.stages, m.student_checkpoint, m.pretrained,
@@ -385,7 +385,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if dist.is_initialized():
         dist.barrier()
 
-    from engine.schedule import make_lr_lambda
+    from hcd.engine.schedule import make_lr_lambda
     lr_lambda = make_lr_lambda(cfg.schedule, cfg.optim.lr, total_steps, steps_per_epoch)
     module = EngineModule(distiller)
     engine, _, _, _ = deepspeed.initialize(
@@ -550,7 +550,7 @@ def _train(cfg: Config, run: Path, resume: bool, d: Dist) -> int:
     if t.export:
         _export(cfg, engine, run, d, train_loader.classes)
     if d.rank == 0:
-        from engine.plot import plot_run
+        from hcd.engine.plot import plot_run
         plot_run(run)
         _rank0_print(d, f"done: {state['step']} steps; best student val top-1 {state['best_top1']:.2f}% "
                         f"(teacher {t1:.2f}%); run folder {run}")
@@ -645,8 +645,8 @@ def _student_state_dict(engine, zero_stage: int, rank: int) -> dict:
 
 
 def _export(cfg: Config, engine, run: Path, d: Dist, classes, stem="student"):
-    from engine.export import export_student
-    from engine.models import norm_stats
+    from hcd.engine.export import export_student
+    from hcd.engine.models import norm_stats
     sd = _student_state_dict(engine, cfg.deepspeed.zero_stage, d.rank)
     if d.rank == 0:
         mean, std = norm_stats(engine.module.student.model)
@@ -716,8 +716,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
 
 
 def _eval_export(cfg: Config, weights: Path, d: Dist) -> int:
-    from engine.export import load_exported
-    from engine.models import norm_stats
+    from hcd.engine.export import load_exported
+    from hcd.engine.models import norm_stats
     if not weights.is_file() or not weights.with_suffix(".json").is_file():
         raise ModelError(f"--checkpoint: {weights} or its {weights.with_suffix('.json').name} is missing")
     model = load_exported(weights).to(d.device).eval()

@@ -2,9 +2,9 @@
 
 CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp16 (bf16 tl.dot is wrong
 under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
-TRITON_INTERPRET=1 itself, or re-runs `python -m engine.cli verify` in a child process when triton was
+TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a child process when triton was
 already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
-kernels/compare.py. Imports only torch, triton (through kernels), kernels and engine.bench's version helpers:
+kernels/compare.py. Imports only torch, triton (through kernels), kernels and hcd.engine.bench's version helpers:
 no DeepSpeed, DALI, timm.
 """
 import os
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from engine.errors import output_path_problem
+from hcd.engine.errors import output_path_problem
 
 # (name, Case kwargs, quick?). The ImageNet head takes ~1-2 minutes in the CPU interpreter: full run only.
 SHAPES = [
@@ -41,7 +41,7 @@ def _reexec(device, quick, interpret, json_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "engine.cli", "verify", "--device", device] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "hcd.engine.cli", "verify", "--device", device] + (["--quick"] if quick else [])
     cmd += ["--json", json_path] if json_path else []
     return subprocess.call(cmd, env=env)
 
@@ -66,8 +66,8 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
         else:
             os.environ.pop("TRITON_INTERPRET", None)
 
-    from kernels import HCDLossConfig
-    from kernels.compare import Case, check_head, check_student
+    from hcd.kernels import HCDLossConfig
+    from hcd.kernels.compare import Case, check_head, check_student
 
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.startswith("cuda") else [])
     cfg = HCDLossConfig()
@@ -108,7 +108,7 @@ def _write_record(path, where, quick, failed, rows):
     import datetime
     from pathlib import Path
 
-    from engine.bench import commit, versions, write_json
+    from hcd.engine.bench import commit, versions, write_json
     out = {"device": where, "commit": commit(), "date": datetime.date.today().isoformat(), "versions": versions(),
            "rule": "max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64| (kernels/compare.py)",
            "quick": quick, "passed": failed == 0, "failed": failed, "rows": rows}

@@ -1,6 +1,6 @@
 """The HCD losses behind one API: hcd_head_loss (one stage's head) and student_loss (CE + KD).
 
-backend: "eager" (kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
+backend: "eager" (hcd.kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
 functions), "triton" (the fused kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto"
 (triton on CUDA tensors, eager elsewhere).
 """
@@ -9,9 +9,9 @@ import os
 
 import torch
 
-from kernels import reference
-from kernels.config import HCDLossConfig
-from kernels.validation import check_head_inputs, check_student_inputs
+from hcd.kernels import reference
+from hcd.kernels.config import HCDLossConfig
+from hcd.kernels.validation import check_head_inputs, check_student_inputs
 
 __all__ = ["hcd_head_loss", "student_loss", "HCDLossConfig", "BACKENDS", "resolve_backend"]
 
@@ -69,7 +69,7 @@ def hcd_head_loss(x_student, x_teacher, weight, bias, teacher_logits, student_lo
     elif backend == "compile":
         total, ce, kl, ol = _compiled(reference.hcd_head_loss_eager)(*args)
     else:
-        from kernels.hcd_head import hcd_head_loss_triton
+        from hcd.kernels.hcd_head import hcd_head_loss_triton
         total, ce, kl, ol = hcd_head_loss_triton(*args)
     return total, _parts(ce, kl, "kl", ol=ol)
 
@@ -84,6 +84,6 @@ def student_loss(student_logits, teacher_logits, target, cfg: HCDLossConfig, bac
     elif backend == "compile":
         total, ce, kd = _compiled(reference.student_loss_eager)(*args)
     else:
-        from kernels.student import student_loss_triton
+        from hcd.kernels.student import student_loss_triton
         total, ce, kd = student_loss_triton(*args)
     return total, _parts(ce, kd, "kd")

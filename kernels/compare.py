@@ -6,7 +6,7 @@ three judge the kernels the same way. Imports only torch and kernels.
 Tolerance rule (the one of apple/ml-cross-entropy): for every output (loss, each gradient), with ref the
 float64 reference run on float64 copies of the same inputs,
     max|ours - ref|  <=  max|eager - ref|  +  MARGIN[dtype] * max|ref|  +  1e-12
-where eager is kernels.reference run on the inputs in their own dtype. MARGIN is relative to the output's
+where eager is hcd.kernels.reference run on the inputs in their own dtype. MARGIN is relative to the output's
 scale (a normwise bound: single elements near zero are not held to a relative bound). Why the margins:
 - float32: 1e-5, the "tight" bound. Both sides compute in fp32; only summation order differs.
 - float16 / bfloat16: 2 units of the dtype's rounding (2^-11 and 2^-8). The eager reference upcasts
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from kernels.config import HCDLossConfig
+from hcd.kernels.config import HCDLossConfig
 
 MARGIN = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -11, torch.bfloat16: 2 * 2.0 ** -8}
 
@@ -113,7 +113,7 @@ def _fresh(inputs: dict) -> dict:
 
 def run_head(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     """Loss parts and gradients of grad_scale * total, keyed by HEAD_OUTPUTS labels (missing = no grad)."""
-    from kernels import hcd_head_loss
+    from hcd.kernels import hcd_head_loss
     t = _fresh(inputs)
     total, parts = hcd_head_loss(t["x_student"], t["x_teacher"], t["weight"], t["bias"], t["teacher_logits"],
                                  t["student_logits"], t["target"], cfg, backend=backend)
@@ -122,7 +122,7 @@ def run_head(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float =
 
 
 def run_student(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
-    from kernels import student_loss
+    from hcd.kernels import student_loss
     t = _fresh({k: inputs[k] for k in ("student_logits", "teacher_logits", "target")})
     total, parts = student_loss(t["student_logits"], t["teacher_logits"], t["target"], cfg, backend=backend)
     (total * grad_scale).backward()

@@ -48,9 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.launch import cdiv, next_pow2, row_num_warps
-from kernels.student import smoothed_ce, softmax_stats
+from hcd.kernels import reference
+from hcd.kernels.launch import cdiv, next_pow2, row_num_warps
+from hcd.kernels.student import smoothed_ce, softmax_stats
 
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may read it)
 

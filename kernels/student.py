@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.launch import next_pow2, row_num_warps
+from hcd.kernels import reference
+from hcd.kernels.launch import next_pow2, row_num_warps
 
 
 @triton.jit

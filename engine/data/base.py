@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.data import sampler
-from engine.data.corrupt import CorruptPolicy
-from engine.data.folder import Split
-from engine.errors import DataError
+from hcd.engine.data import sampler
+from hcd.engine.data.corrupt import CorruptPolicy
+from hcd.engine.data.folder import Split
+from hcd.engine.errors import DataError
 
 
 @dataclass(frozen=True)

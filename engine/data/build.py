@@ -3,9 +3,9 @@ import importlib.util
 
 import torch
 
-from engine.config import ConfigError, DataConfig
-from engine.data.base import ImageSpec
-from engine.data.folder import load_split
+from hcd.engine.config import ConfigError, DataConfig
+from hcd.engine.data.base import ImageSpec
+from hcd.engine.data.folder import load_split
 
 
 def dali_available() -> bool:
@@ -28,7 +28,7 @@ def choose_backend(loader: str) -> str:
 
 def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: int = 1, seed: int = 0,
                   device=torch.device("cpu")):
-    """(train_loader, val_loader) for this rank; see engine.data.base for the loader interface.
+    """(train_loader, val_loader) for this rank; see hcd.engine.data.base for the loader interface.
 
     mean, std: 3 numbers on the 0-1 scale (timm's pretrained_cfg). With DALI on a CUDA device the
     pipeline decodes on the GPU ("mixed"); on a CPU device it runs DALI's CPU operators.
@@ -37,9 +37,9 @@ def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: in
         raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
     backend = choose_backend(data_cfg.loader)
     if backend == "dali":
-        from engine.data.dali import DaliLoader as Loader
+        from hcd.engine.data.dali import DaliLoader as Loader
     else:
-        from engine.data.torch import TorchLoader as Loader
+        from hcd.engine.data.torch import TorchLoader as Loader
     train = load_split(data_cfg.root, data_cfg.train_dir, data_cfg.train_list)
     val = load_split(data_cfg.root, data_cfg.val_dir, data_cfg.val_list, classes=train.classes)
     spec = ImageSpec(data_cfg.img_size, data_cfg.crop_pct, tuple(map(float, mean)), tuple(map(float, std)),

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from engine.data.corrupt import decode_problem, short_reason
-from engine.data.folder import find_classes, is_image_name
-from engine.errors import DataError
+from hcd.engine.data.corrupt import decode_problem, short_reason
+from hcd.engine.data.folder import find_classes, is_image_name
+from hcd.engine.errors import DataError
 
 SPLITS = ("train", "val")
 

@@ -3,7 +3,7 @@ import io
 import logging
 from typing import Optional
 
-from engine.errors import DataError
+from hcd.engine.errors import DataError
 
 log = logging.getLogger("hcd.data")
 

@@ -1,4 +1,4 @@
-"""The DALI loader: file bytes read by us (in the order engine.data.sampler gives) -> fn.external_source
+"""The DALI loader: file bytes read by us (in the order hcd.engine.data.sampler gives) -> fn.external_source
 -> decode -> crop/resize -> crop_mirror_normalize, on the GPU ("mixed" decode) for a CUDA device, with
 DALI's CPU operators (device_id=None) otherwise.
 
@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from engine.data.base import ShardedLoader
-from engine.data.corrupt import decode_problem, looks_like_image, short_reason
+from hcd.engine.data.base import ShardedLoader
+from hcd.engine.data.corrupt import decode_problem, looks_like_image, short_reason
 
 # One batch in DALI at a time (prefetch_queue_depth=1): it decodes batch k+1 while the trainer works on
 # batch k, and a decode error then always belongs to that one batch. File reads run READ_AHEAD batches

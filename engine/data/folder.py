@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from engine.errors import DataError
+from hcd.engine.errors import DataError
 
 # Lower-case; ImageNet's own files end in ".JPEG". Other files are ignored by the loaders (as
 # torchvision's ImageFolder does) and reported by `hcd data-check`.

@@ -1,4 +1,4 @@
-"""Synthetic loaders with the interface of engine.data.build_loaders (data.loader: synthetic).
+"""Synthetic loaders with the interface of hcd.engine.data.build_loaders (data.loader: synthetic).
 
 Every image is a fixed per-class pattern plus noise, drawn from a generator seeded by (seed, epoch, rank,
 batch index) for training and (seed, sample index) for validation: a run resumed at any batch sees exactly

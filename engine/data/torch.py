@@ -1,5 +1,5 @@
 """The fallback loader for machines without DALI: PIL decode + torchvision transforms in DataLoader
-workers, batches chosen by engine.data.sampler (the same order as the DALI loader).
+workers, batches chosen by hcd.engine.data.sampler (the same order as the DALI loader).
 
 Workers return uint8 images plus the corrupt files they met (never raise: an exception raised in a
 worker reaches the trainer as a multi-line wrapped traceback, not a DataError naming the file); the main
@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data.base import ImageSpec, ShardedLoader
-from engine.data.corrupt import short_reason
-from engine.data.transforms import train_transform, val_transform
+from hcd.engine.data.base import ImageSpec, ShardedLoader
+from hcd.engine.data.corrupt import short_reason
+from hcd.engine.data.transforms import train_transform, val_transform
 
 
 class _Images(Dataset):

@@ -46,12 +46,12 @@ def free_port() -> int:
 
 
 def _torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N -m engine.cli ARGS` on the CPU accelerator (gloo)."""
+    """`torchrun --nproc_per_node N -m hcd.engine.cli ARGS` on the CPU accelerator (gloo)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # set by in-process runs of the same pytest session
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), "-m", "engine.cli", *args]
+           "--master_port", str(free_port()), "-m", "hcd.engine.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

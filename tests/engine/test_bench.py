@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from engine.bench import format_table, head_cost, run_bench
-from kernels.compare import Case
+from hcd.engine.bench import format_table, head_cost, run_bench
+from hcd.kernels.compare import Case
 
 
 def test_bench_quick_writes_the_schema(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eag/fus" in out and "vs KD" in out and str(files[0]) in out
     # --report prints the same tables from the file; a run cut short says so
-    from engine.cli import main
+    from hcd.engine.cli import main
     assert main(["bench", "--report", str(files[0])]) == 0
     again = capsys.readouterr().out
     assert format_table(res["kernel"]) in again and "vs KD" in again and "incomplete" not in again
@@ -59,7 +59,7 @@ def test_cost_model_counts_the_three_gemms():
     f_full, b_full = head_cost(case, 2, "full")
     assert gemm <= f_fwd < 1.2 * gemm
     assert 3 * gemm <= f_full < 3.3 * gemm and b_full > b_fwd > 0
-    # as in training (engine.bench_shapes): a frozen teacher feature, dX over the Dp columns only
+    # as in training (hcd.engine.bench_shapes): a frozen teacher feature, dX over the Dp columns only
     frozen = Case(256, 1000, 4, 768, 768, frozen_teacher_feature=True)
     f_frozen, b_frozen = head_cost(frozen, 2, "full")
     assert f_frozen == f_full - 2 * case.B * case.n * case.C * case.Dt and b_frozen < b_full
@@ -74,7 +74,7 @@ def test_table_leaves_interpreter_rows_out_of_ratios():
 
 
 def test_per_launch_keeps_launch_order_and_measures_the_gaps():
-    from engine.timing import per_launch
+    from hcd.engine.timing import per_launch
     # two identical calls: gemm 0-10, row 12-15, gemm 40-60 (the GPU idled 25 us waiting for the host)
     call = [("gemm", 0.0, 10.0), ("row", 12.0, 15.0), ("gemm", 40.0, 60.0)]
     events = call + [(k, s + 100.0, e + 100.0) for k, s, e in call]
@@ -85,7 +85,7 @@ def test_per_launch_keeps_launch_order_and_measures_the_gaps():
 
 
 def test_per_launch_groups_by_name_when_calls_differ():
-    from engine.timing import per_launch
+    from hcd.engine.timing import per_launch
     events = [("a", 0.0, 4.0), ("b", 5.0, 6.0), ("a", 10.0, 12.0)]  # 3 events over 2 calls: not periodic
     out = per_launch(events, calls=2)
     assert out["span_us"] is None and out["per_call"] is None
@@ -102,7 +102,7 @@ def _gpu_row(**extra):
 
 
 def test_gpu_table_shows_both_time_bases():
-    from engine.bench import format_table
+    from hcd.engine.bench import format_table
     lines = format_table([_gpu_row()]).splitlines()
     assert "g.fused" in lines[0] and "host" in lines[0]
     cells = lines[2].split()
@@ -112,7 +112,7 @@ def test_gpu_table_shows_both_time_bases():
 
 
 def test_gpu_table_reports_a_failed_capture():
-    from engine.bench import format_table
+    from hcd.engine.bench import format_table
     row = _gpu_row(device_ms={"eager": 0.9, "compile": None, "triton": 0.15},
                    device_errors={"compile": "RuntimeError: operation not permitted when stream is capturing"})
     text = format_table([row])
@@ -121,7 +121,7 @@ def test_gpu_table_reports_a_failed_capture():
 
 
 def test_profile_table_lists_the_fused_launches():
-    from engine.bench import format_profile
+    from hcd.engine.bench import format_profile
     fused = {"dtype": "bf16", "backend": "triton", "host_ms": 0.25, "error": None, "per_call": 2,
              "kernel_us": 30.0, "span_us": 80.0,
              "launches": [{"launch": 1, "kernel": "_gemm_kernel", "us": 20.0},
@@ -138,7 +138,7 @@ def test_profile_table_lists_the_fused_launches():
 
 
 def test_fused_launches_are_named_after_the_plan():
-    from engine.bench import annotate_launches
+    from hcd.engine.bench import annotate_launches
     launches = [{"launch": i + 1, "kernel": k, "us": us} for i, (k, us) in enumerate(
         [("_gemm_kernel", 10.0), ("_head_row_kernel", 5.0), ("reduce_kernel", 2.0), ("_gemm_kernel", 20.0),
          ("_gemm_kernel", 40.0)])]
@@ -150,7 +150,7 @@ def test_fused_launches_are_named_after_the_plan():
 
 
 def test_try_cuda_reports_the_first_cause_in_one_line():
-    from engine.timing import try_cuda
+    from hcd.engine.timing import try_cuda
 
     def capture():
         try:
@@ -165,7 +165,7 @@ def test_try_cuda_reports_the_first_cause_in_one_line():
 
 def test_gpu_plan_parts_and_order():
     import torch
-    from engine.bench import kernel_plan
+    from hcd.engine.bench import kernel_plan
     cuda = torch.device("cuda")  # the plan only: nothing runs
     full = kernel_plan(cuda, quick=False)
     # (B, C) per dataset x the shipped configs' distinct (Dp, Dt): CIFAR-100 3, ImageNet 2; n in {2, 4, 8}
@@ -184,7 +184,7 @@ def test_gpu_plan_parts_and_order():
 
 def test_head_shapes_follow_the_shipped_configs():
     """Dp/Dt of every shipped CIFAR-100 / ImageNet config, as the models' widths give them (D_p = max(D_s, D_t))."""
-    from engine.bench_shapes import config_widths, configs_for, gpu_head_shapes, headline_shape
+    from hcd.engine.bench_shapes import config_widths, configs_for, gpu_head_shapes, headline_shape
     widths = {w.config: (w.C, w.Dp, w.Dt) for w in config_widths()}
     assert widths == {"cifar100/mixer_b16-resnet18.yaml": (100, 768, 768),       # Mixer-B/16 768, ResNet18 512
                       "cifar100/swin_tiny-mobilenetv2.yaml": (100, 1280, 768),   # MobileNetV2 1280

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, ConfigError, dump_config, load_config
+from hcd.engine.config import Config, ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_bad_files(tmp_path):
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  epochs: many\n")
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "--config", str(tmp_path / "c.yaml"),
+    r = subprocess.run([sys.executable, "-m", "hcd.engine.cli", "train", "--config", str(tmp_path / "c.yaml"),
                         "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.epochs" in r.stderr
@@ -89,7 +89,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_cli_help_lists_every_subcommand():
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "hcd.engine.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0
     for cmd in ("train", "eval", "verify", "bench", "data-check", "demo", "plot"):
         assert cmd in r.stdout

@@ -1,7 +1,7 @@
 """`hcd demo` end to end on a shortened schedule, and `hcd plot` redrawing a run folder."""
 import json
 
-from engine.cli import main
+from hcd.engine.cli import main
 
 
 def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path, capsys):
@@ -39,8 +39,8 @@ def test_plot_redraws_curves(tmp_path, capsys):
 
 def test_demo_data_root_as_shipped_means_the_cache(tmp_path, monkeypatch):
     """demo.yaml's data.root stands for $HCD_CACHE/digits (build_digits(None)); a --set root is used as given."""
-    import engine.data.demo as data_demo
-    import engine.demo as demo
+    import hcd.engine.data.demo as data_demo
+    import hcd.engine.demo as demo
     seen = []
 
     class Stop(Exception):

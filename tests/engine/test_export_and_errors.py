@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 
-from engine.cli import main
-from engine.export import export_student, load_exported
-from engine.models import build_student, norm_stats
+from hcd.engine.cli import main
+from hcd.engine.export import export_student, load_exported
+from hcd.engine.models import build_student, norm_stats
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from engine.distiller import HCDDistiller, Projector, head_input_widths, projector_channels
-from engine.errors import ModelError
-from engine.models import build_student, build_teacher, feature_widths, load_state_dict_file, norm_stats
-from kernels import HCDLossConfig
+from hcd.engine.distiller import HCDDistiller, Projector, head_input_widths, projector_channels
+from hcd.engine.errors import ModelError
+from hcd.engine.models import build_student, build_teacher, feature_widths, load_state_dict_file, norm_stats
+from hcd.kernels import HCDLossConfig
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
 
@@ -143,7 +143,7 @@ def test_feature_widths_without_weights():
 
 def test_feature_widths_fall_back_to_cpu_where_meta_fails(monkeypatch):
     """timm < ~1.0.21 reads drop-path rates out of a tensor while building ViT/DeiT/Swin: impossible on meta."""
-    import engine.models as models
+    import hcd.engine.models as models
     real = models._build_timm
     seen = []
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from engine.config import ScheduleConfig
-from engine.errors import DataError
-from engine.metrics import accuracy, read_metrics, topk_correct
-from engine.schedule import lr_multiplier, make_lr_lambda, warmup_steps
+from hcd.engine.config import ScheduleConfig
+from hcd.engine.errors import DataError
+from hcd.engine.metrics import accuracy, read_metrics, topk_correct
+from hcd.engine.schedule import lr_multiplier, make_lr_lambda, warmup_steps
 
 
 def test_topk_correct_hand_made():

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.models import STUDENT_FAMILIES, TEACHER_FAMILIES, model_family
-from engine.trainer import deepspeed_config
+from hcd.engine.config import load_config
+from hcd.engine.models import STUDENT_FAMILIES, TEACHER_FAMILIES, model_family
+from hcd.engine.trainer import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

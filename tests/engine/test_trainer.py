@@ -1,4 +1,4 @@
-"""The DeepSpeed trainer on CPU: 1-process runs in this process (engine.cli.main), 2-process runs through
+"""The DeepSpeed trainer on CPU: 1-process runs in this process (hcd.engine.cli.main), 2-process runs through
 torchrun; resume equivalence, non-finite steps, signals, evaluation and the run folder's contents."""
 import json
 import math
@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from engine.cli import main
-from engine.checkpoint import read_pointer
+from hcd.engine.cli import main
+from hcd.engine.checkpoint import read_pointer
 
 PARTS = ("ce", "kd", "sce", "skl", "ol", "sce3", "skl3", "ol3", "sce4", "skl4", "ol4")
 
@@ -125,7 +125,7 @@ def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys, write_c
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, write_config, train_rows):
-    from engine import trainer
+    from hcd.engine import trainer
     seen = []  # (call index, checksum of the student's weights when the forward ran)
     real = trainer.EngineModule.forward
 
@@ -150,7 +150,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, write_c
 
 
 def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeypatch, capsys, write_config):
-    from engine import trainer
+    from hcd.engine import trainer
     real = trainer.EngineModule.forward
     monkeypatch.setattr(trainer.EngineModule, "forward",
                         lambda self, *a: (lambda o: (o[0] * float("inf"), o[1], o[2]))(real(self, *a)))
@@ -163,7 +163,7 @@ def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeyp
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys, write_config, train_rows):
-    from engine import trainer
+    from hcd.engine import trainer
     real = trainer.EngineModule.forward
     calls = []
 
@@ -223,7 +223,7 @@ def test_zero3_and_bf16_exports_and_checkpoint_evals_agree(tmp_path, capsys, sta
 
 
 def test_deepspeed_launcher_two_processes(tmp_path, write_config, train_rows):
-    """`deepspeed --module engine.cli train ...`: the launcher inserts --local_rank=N before the subcommand."""
+    """`deepspeed --module hcd.engine.cli train ...`: the launcher inserts --local_rank=N before the subcommand."""
     import shutil
     import subprocess
     import sys
@@ -240,7 +240,7 @@ def test_deepspeed_launcher_two_processes(tmp_path, write_config, train_rows):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = write_config(tmp_path)
-    r = subprocess.run([sys.executable, exe, "--num_gpus", "2", "--master_port", str(port), "--module", "engine.cli",
+    r = subprocess.run([sys.executable, exe, "--num_gpus", "2", "--master_port", str(port), "--module", "hcd.engine.cli",
                         "train", "--config", cfg, "--out", str(tmp_path / "run"), "--set", "train.max_steps=2",
                         "--set", "train.export=false"], cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -325,8 +325,8 @@ def test_a_run_that_saved_no_checkpoint_says_how_to_start_again(tmp_path, capsys
 
 
 def test_layout_check_names_the_world_size_and_accepts_old_checkpoints(tmp_path):
-    from engine.config import ConfigError
-    from engine.trainer import check_layout
+    from hcd.engine.config import ConfigError
+    from hcd.engine.trainer import check_layout
     now = {"world size (processes)": 2, "data.batch_size": 16}
     check_layout(None, now, tmp_path)  # written before layouts were kept: resumed as before
     check_layout(dict(now), now, tmp_path)
@@ -356,7 +356,7 @@ def test_a_last_step_inside_an_epoch_is_evaluated_as_a_fractional_epoch(tmp_path
 
 
 def test_periodic_checkpoints_bound_what_a_hard_crash_loses(tmp_path, monkeypatch, write_config, train_rows):
-    from engine import checkpoint, trainer
+    from hcd.engine import checkpoint, trainer
     saved = []
     real_save = checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saved.append((a[2], k.get("written"))) or real_save(*a, **k))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 
 F64 = torch.float64
 

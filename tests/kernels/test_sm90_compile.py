@@ -27,8 +27,8 @@ def compile_all():
     except ImportError:
         print("SKIP: this Triton has no GPUTarget/ASTSource")
         return
-    from kernels.hcd_head import _TILES_16, _TILES_32, _gemm_kernel, _head_row_kernel
-    from kernels.student import _student_row_kernel
+    from hcd.kernels.hcd_head import _TILES_16, _TILES_32, _gemm_kernel, _head_row_kernel
+    from hcd.kernels.student import _student_row_kernel
 
     def build(fn, pointers, consts, num_warps):
         sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in FLOATS else "i32")

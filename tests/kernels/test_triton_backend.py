@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 from tests.kernels.helpers import Case, make_inputs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import os
 import torch
 import pytest
 
-from kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 from tests.kernels.helpers import Case, assert_rows_ok, check_head, check_student, make_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -140,8 +140,8 @@ def test_float64_inputs_match_reference():
 
 def test_out_of_range_label_gives_nan_not_a_crash():
     """Labels are unchecked on CUDA; the kernels must clamp the read and make the loss NaN (as eager does)."""
-    from kernels.hcd_head import hcd_head_loss_triton
-    from kernels.student import student_loss_triton
+    from hcd.kernels.hcd_head import hcd_head_loss_triton
+    from hcd.kernels.student import student_loss_triton
     case = Case(B=4, C=13, n=2)
     cfg = HCDLossConfig(n_sublogits=2)
     args, t = _head_args(case)
@@ -155,8 +155,8 @@ def test_out_of_range_label_gives_nan_not_a_crash():
 
 
 def test_flop_byte_model():
-    from kernels.hcd_head import head_flops_bytes
-    from kernels.student import student_flops_bytes
+    from hcd.kernels.hcd_head import head_flops_bytes
+    from hcd.kernels.student import student_flops_bytes
     fb = head_flops_bytes(256, 1000, 4, 768, 768, 2, weight_bytes=4)
     assert fb["z_gemm"][0] == 2 * 256 * 4000 * 1536
     assert fb["total"][0] == sum(v[0] for k, v in fb.items() if k != "total")
@@ -175,7 +175,7 @@ def test_student_loss_parts_and_grad_fn():
 def test_gemm_tile_override_changes_only_the_schedule(tile):
     """bench/tile_sweep.py times other tiles than the library's: each must still compute the same GEMM
     (both K ranges, bias, device scale, colsum), with M, N, K not multiples of any block."""
-    from kernels.hcd_head import _gemm
+    from hcd.kernels.hcd_head import _gemm
     g = torch.Generator().manual_seed(3)
     a1, a2 = torch.randn(37, 40, generator=g), torch.randn(37, 24, generator=g)
     b1, b2 = torch.randn(40, 50, generator=g), torch.randn(24, 50, generator=g)
@@ -193,7 +193,7 @@ def test_gemm_tile_override_changes_only_the_schedule(tile):
 def test_row_kernel_warps_override_gives_the_same_gradients():
     """The launch helper the tile sweep uses (the interpreter ignores warps: there it checks the plumbing;
     compiled on CUDA it compares two warp counts)."""
-    from kernels.hcd_head import _gemm, _row_launch
+    from hcd.kernels.hcd_head import _gemm, _row_launch
     from dataclasses import replace
     case, cfg = HEAD_CASES["odd-n3"]
     cfg = replace(cfg, n_sublogits=case.n)  # the internal launch trusts its arguments (the API checks them)

@@ -15,7 +15,7 @@ def test_verify_quick_cli_on_cpu(tmp_path):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["CUDA_VISIBLE_DEVICES"] = ""
     record = tmp_path / "verify.json"
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "verify", "--quick", "--device", "cpu",
+    out = subprocess.run([sys.executable, "-m", "hcd.engine.cli", "verify", "--quick", "--device", "cpu",
                           "--json", str(record)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
@@ -32,5 +32,5 @@ def test_verify_quick_cli_on_cpu(tmp_path):
 
 
 def test_verify_rejects_unknown_device():
-    from engine.verify import run_verify
+    from hcd.engine.verify import run_verify
     assert run_verify(device="tpu") == 2

@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from engine.cli import main
-from engine.data.check import run_data_check
-from engine.errors import DataError
+from hcd.engine.cli import main
+from hcd.engine.data.check import run_data_check
+from hcd.engine.errors import DataError
 
 from .jpegs import jpeg_with_garbage_body, truncated_jpeg
 

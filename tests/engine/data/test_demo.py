@@ -1,6 +1,6 @@
 """The embedded digits dataset is written offline, once, as an ImageNet-style folder."""
-from engine.data.demo import build_digits
-from engine.data.folder import load_split
+from hcd.engine.data.demo import build_digits
+from hcd.engine.data.folder import load_split
 
 
 def test_digits_folder_builds_offline_and_is_reused(tmp_path, monkeypatch):

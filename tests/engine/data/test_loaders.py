@@ -4,9 +4,9 @@ import logging
 import pytest
 import torch
 
-from engine.config import ConfigError, DataConfig
-from engine.data import build_loaders
-from engine.errors import DataError
+from hcd.engine.config import ConfigError, DataConfig
+from hcd.engine.data import build_loaders
+from hcd.engine.errors import DataError
 
 from .jpegs import (BACKENDS, MEAN, SORTED, STD, TRAIN_PER_CLASS, VAL_PER_CLASS, identify,
                        loader_order,
@@ -173,7 +173,7 @@ def test_home_relative_root(dataset, monkeypatch):
 def test_loader_choice(dataset, monkeypatch, tmp_path):
     train, _ = make(dataset, "auto")
     assert train.backend == "torch"                 # no CUDA here
-    from engine.data import build
+    from hcd.engine.data import build
     monkeypatch.setattr(build, "dali_available", lambda: False)
     with pytest.raises(ConfigError, match="data.loader"):
         make(dataset, "dali")
