@@ -14,7 +14,7 @@ import hcd.kernels as kernels
 from hcd.engine.bench import STUDENT_SHAPES
 from hcd.engine.bench_shapes import headline_shape
 from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
-from hcd.kernels.compare import make_inputs
+from hcd.kernels.testing import make_inputs
 
 HEAD_ARGS = ("x_student", "x_teacher", "weight", "bias", "teacher_logits", "student_logits", "target")
 

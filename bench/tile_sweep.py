@@ -33,7 +33,7 @@ def launches(dtype: torch.dtype, device) -> dict:
     inputs the tests and `hcd verify` use."""
     from hcd.kernels import HCDLossConfig
     from hcd.engine.bench_shapes import headline_shape
-    from hcd.kernels.compare import make_inputs
+    from hcd.kernels.testing import make_inputs
     from hcd.kernels.hcd_head import _backward_dot, _gemm, _row_launch
     case = headline_shape()  # the teacher feature frozen, as in training
     cfg = HCDLossConfig(n_sublogits=case.n)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.pop("TRITON_INTERPRET", None)
     rows = sweep(torch.device("cuda"))
-    from hcd.engine.bench import commit, versions, write_json
+    from hcd.engine.runinfo import commit, versions, write_json
     path = Path(args.out) / "tile_sweep.json"
     write_json(path, {"device": torch.cuda.get_device_name(), "commit": commit(), "versions": versions(),
                       "rows": rows})

@@ -11,8 +11,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -22,8 +20,9 @@ import torch
 from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 from hcd.engine.bench_shapes import configs_for, gpu_head_shapes, headline_shape
 from hcd.engine.errors import output_path_problem
+from hcd.engine.runinfo import commit, device_name, resolve_device, versions, write_json
 from hcd.engine.timing import clear_grads, graph_ms, host_ms, launch_profile, time_ms, try_cuda
-from hcd.kernels.compare import Case, make_inputs
+from hcd.kernels.testing import Case, make_inputs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "backward", "full")
@@ -38,7 +37,7 @@ ROOFLINES = {
 
 # GPU head shapes: hcd.engine.bench_shapes (B, C per dataset; Dp, Dt from the shipped configs). CPU: small ones.
 # Heads as in training: the teacher feature x_teacher is frozen (no dX for its columns).
-# Inputs come from hcd.kernels.compare.make_inputs: the same generator the tests and `hcd verify` use.
+# Inputs come from hcd.kernels.testing.make_inputs: the same generator the tests and `hcd verify` use.
 CPU_SHAPES = [Case(64, 100, 4, 256, 192, frozen_teacher_feature=True),
               Case(128, 100, 4, 768, 768, frozen_teacher_feature=True)]
 INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
@@ -79,7 +78,7 @@ def _mode_cost(launches: dict, mode: str):
 
 def head_launch_costs(shape: Case, dtype_bytes: int) -> dict:
     """Per-launch (FLOP, bytes) of one stage's head at `shape`, from the fused launch plan's own model."""
-    from hcd.kernels.hcd_head import head_flops_bytes
+    from hcd.kernels.costs import head_flops_bytes
     return head_flops_bytes(shape.B, shape.C, shape.n, shape.Dp, shape.Dt, dtype_bytes,
                             x_teacher_grad=not shape.frozen_teacher_feature)
 
@@ -90,7 +89,7 @@ def head_cost(shape: Case, dtype_bytes: int, mode: str):
 
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
-    from hcd.kernels.student import student_flops_bytes
+    from hcd.kernels.costs import student_flops_bytes
     return _mode_cost(student_flops_bytes(B, C, dtype_bytes), mode)
 
 
@@ -247,39 +246,6 @@ def bench_step_rows(device, quick=False) -> List[dict]:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def versions() -> dict:
-    from importlib import metadata
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("triton", "timm", "deepspeed", "nvidia-dali-cuda120"):  # metadata only: imports nothing
-        try:
-            v[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            v[dist] = None
-    if torch.cuda.is_available():
-        v["cuda"] = torch.version.cuda
-    return v
-
-
-def commit() -> str:
-    """The checkout's short hash (+ "-dirty"); HCD_COMMIT when the tree travelled without .git (a GPU box)."""
-    if os.environ.get("HCD_COMMIT"):
-        return os.environ["HCD_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{os.cpu_count()}core"
-
-
 def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -391,7 +357,6 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
     every row ("complete": false), so a run cut short by a time limit keeps what it measured (`hcd bench
     --report FILE` prints it) and never replaces a finished file."""
-    from hcd.engine.verify import resolve_device
     name = resolve_device(device, "bench")
     if name is None:
         return 2
@@ -440,15 +405,6 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     print(report(result))
     print(f"wrote {path}")
     return 0
-
-
-def write_json(path: Path, result: dict) -> None:
-    """Atomically (a reader or a crash never sees half a file): a sibling .tmp, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
 
 
 def report(result: dict) -> str:

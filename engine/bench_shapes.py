@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from hcd.kernels.compare import Case
+from hcd.kernels.testing import Case
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 DATASET_BATCH = {"cifar100": 128, "imagenet": 256}  # configs/<dataset>/ -> the benchmark batch B

@@ -4,7 +4,7 @@ CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp1
 under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
 TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a child process when triton was
 already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
-kernels/compare.py. Imports only torch, triton (through kernels), kernels and hcd.engine.bench's version helpers:
+kernels/testing.py. Imports only torch, triton (through kernels), kernels and hcd.engine.bench's version helpers:
 no DeepSpeed, DALI, timm.
 """
 import os
@@ -15,6 +15,7 @@ import time
 import torch
 
 from hcd.engine.errors import output_path_problem
+from hcd.engine.runinfo import commit, resolve_device, versions, write_json
 
 # (name, Case kwargs, quick?). The ImageNet head takes ~1-2 minutes in the CPU interpreter: full run only.
 SHAPES = [
@@ -22,19 +23,6 @@ SHAPES = [
     ("cifar", dict(B=128, C=100, n=4, Dp=512, Dt=384), True),
     ("imagenet", dict(B=256, C=1000, n=4, Dp=768, Dt=768), False),
 ]
-
-
-def resolve_device(device, command="verify"):
-    """The device to use, or None after printing why the argument is unusable (the caller exits 2)."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
-        print(f"hcd {command}: error: --device {device!r} is not cpu or cuda", file=sys.stderr)
-        return None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"hcd {command}: error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return None
-    return device
 
 
 def _reexec(device, quick, interpret, json_path):
@@ -67,13 +55,13 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
             os.environ.pop("TRITON_INTERPRET", None)
 
     from hcd.kernels import HCDLossConfig
-    from hcd.kernels.compare import Case, check_head, check_student
+    from hcd.kernels.testing import Case, check_head, check_student
 
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.startswith("cuda") else [])
     cfg = HCDLossConfig()
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU, Triton interpreter"
     print(f"hcd verify: fused Triton vs float64 reference on {where}; defaults of HCDLossConfig, grad_output 2.5")
-    print("pass: max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64|  (kernels/compare.py)")
+    print("pass: max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64|  (kernels/testing.py)")
     header = f"{'shape':<9} {'loss':<8} {'dtype':<9} {'output':<6} {'max_abs':>10} {'max_rel':>10} {'tol':>10}  result"
     print(header)
     print("-" * len(header))
@@ -108,9 +96,8 @@ def _write_record(path, where, quick, failed, rows):
     import datetime
     from pathlib import Path
 
-    from hcd.engine.bench import commit, versions, write_json
     out = {"device": where, "commit": commit(), "date": datetime.date.today().isoformat(), "versions": versions(),
-           "rule": "max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64| (kernels/compare.py)",
+           "rule": "max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64| (kernels/testing.py)",
            "quick": quick, "passed": failed == 0, "failed": failed, "rows": rows}
     write_json(Path(path), out)
     print(f"wrote {path}")

@@ -56,32 +56,6 @@ _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may 
 
 
 # ---------------------------------------------------------------------------------------------------
-# FLOP / byte model (pure; reused by the benchmarks)
-
-def head_flops_bytes(B, C, n, Dp, Dt, dtype_bytes, weight_bytes=None, bias=True, x_teacher_grad=True):
-    """Per-launch (flops, bytes) of one stage's fused head, forward + backward with every grad needed
-    (x_teacher_grad=False: the teacher feature is frozen, as in training, and dX covers the Dp columns only).
-
-    Bytes are compulsory DRAM traffic (reloads that hit L2 are not counted). Returns a dict
-    launch name -> (flops, bytes) plus "total".
-    """
-    e, w = dtype_bytes, (weight_bytes or dtype_bytes)
-    N, D = n * C, Dp + Dt
-    Dx = D if x_teacher_grad else Dp  # the columns of dX (and of W read by its GEMM)
-    nb = N * w if bias else 0
-    launches = {
-        "z_gemm": (2 * B * N * D, B * D * e + N * D * w + nb + 4 * B * N),
-        "row": (60 * B * N + 2 * B * n * N, 4 * B * N + 2 * B * C * e + 8 * B + 4 * B * N + 4 * B * C + 16 * B),
-        "loss_sum": (4 * B, 16 * B + 16),
-        "dx_gemm": (2 * B * N * Dx, 4 * B * N + N * Dx * w + B * Dx * e),
-        "dw_gemm": (2 * N * B * D + B * N, 4 * B * N + B * D * e + N * D * w + nb),
-        "dz_scale": (B * C, B * C * (4 + e)),
-    }
-    launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
-    return launches
-
-
-# ---------------------------------------------------------------------------------------------------
 # GEMM: C[M, N1+N2] = scale * (A1 B1 (+ A2 B2 over a second K range)) (+ bias), fp32 accumulation.
 # K split (forward Z): A = [x_s | x_t] along K, B1/B2 = the matching column blocks of W^T.
 # N split (dW): output columns [0, N1) use B1 (x_s), [N1, N1+N2) use B2 (x_t); tiles never straddle.

@@ -130,13 +130,3 @@ def student_loss_triton(student_logits, teacher_logits, target, cfg):
     if student_logits.dtype == torch.float64 or student_logits.shape[0] == 0:
         return reference.student_loss_eager(student_logits, teacher_logits, target, cfg)
     return _StudentLoss.apply(student_logits, teacher_logits, target, cfg)
-
-
-def student_flops_bytes(B, C, dtype_bytes):
-    """Same for the fused student loss (kernels/student.py)."""
-    e = dtype_bytes
-    launches = {"row": (25 * B * C, 2 * B * C * e + 8 * B + 4 * B * C + 12 * B),
-                "loss_sum": (3 * B, 12 * B + 12),
-                "dz_scale": (B * C, B * C * (4 + e))}
-    launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
-    return launches

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hcd.engine.bench import format_table, head_cost, run_bench
-from hcd.kernels.compare import Case
+from hcd.kernels.testing import Case
 
 
 def test_bench_quick_writes_the_schema(tmp_path, capsys):

@@ -155,8 +155,8 @@ def test_out_of_range_label_gives_nan_not_a_crash():
 
 
 def test_flop_byte_model():
-    from hcd.kernels.hcd_head import head_flops_bytes
-    from hcd.kernels.student import student_flops_bytes
+    from hcd.kernels.costs import head_flops_bytes
+    from hcd.kernels.costs import student_flops_bytes
     fb = head_flops_bytes(256, 1000, 4, 768, 768, 2, weight_bytes=4)
     assert fb["z_gemm"][0] == 2 * 256 * 4000 * 1536
     assert fb["total"][0] == sum(v[0] for k, v in fb.items() if k != "total")
