@@ -26,9 +26,10 @@ class _NoLaunch:
 
 @pytest.fixture
 def no_launches(monkeypatch):
+    import hcd.kernels.gemm as gemm
     import hcd.kernels.hcd_head as head
     import hcd.kernels.student as student
-    for module, name in ((head, "_gemm_kernel"), (head, "_head_row_kernel"), (student, "_student_row_kernel")):
+    for module, name in ((gemm, "_gemm_kernel"), (head, "_head_row_kernel"), (student, "_student_row_kernel")):
         monkeypatch.setattr(module, name, _NoLaunch())
     monkeypatch.setattr(kernels, "resolve_backend", lambda backend, device: "triton")  # no interpreter check
 

@@ -6,8 +6,8 @@ activations, every candidate of each launch is timed alone as device time (hcd.e
 launches captured in a CUDA graph and replayed), and its output is checked against the default choice's (a
 tile changes only the summation order). The default is marked "*", the fastest "<"; a candidate that does
 not compile on this card (shared memory) shows its error.
-Feeds the per-shape choice in kernels/hcd_head.py (_tile, row_num_warps); run it when the profile of
-`hcd bench` shows a GEMM or the row kernel dominating:
+Feeds the per-shape choices in kernels/gemm.py (_tile) and kernels/launch.py (row_num_warps); run it when
+the profile of `hcd bench` shows a GEMM or the row kernel dominating:
     python bench/tile_sweep.py [--out DIR]          (CUDA only; about a minute, most of it compiling)
 """
 import argparse
@@ -34,7 +34,8 @@ def launches(dtype: torch.dtype, device) -> dict:
     from hcd.kernels import HCDLossConfig
     from hcd.engine.bench_shapes import headline_shape
     from hcd.kernels.testing import make_inputs
-    from hcd.kernels.hcd_head import _backward_dot, _gemm, _row_launch
+    from hcd.kernels.gemm import _backward_dot, _gemm
+    from hcd.kernels.hcd_head import _row_launch
     case = headline_shape()  # the teacher feature frozen, as in training
     cfg = HCDLossConfig(n_sublogits=case.n)
     inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case, dtype, device).items()}

@@ -27,7 +27,8 @@ def compile_all():
     except ImportError:
         print("SKIP: this Triton has no GPUTarget/ASTSource")
         return
-    from hcd.kernels.hcd_head import _TILES_16, _TILES_32, _gemm_kernel, _head_row_kernel
+    from hcd.kernels.gemm import _TILES_16, _TILES_32, _gemm_kernel
+    from hcd.kernels.hcd_head import _head_row_kernel
     from hcd.kernels.student import _student_row_kernel
 
     def build(fn, pointers, consts, num_warps):

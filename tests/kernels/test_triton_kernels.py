@@ -175,7 +175,7 @@ def test_student_loss_parts_and_grad_fn():
 def test_gemm_tile_override_changes_only_the_schedule(tile):
     """bench/tile_sweep.py times other tiles than the library's: each must still compute the same GEMM
     (both K ranges, bias, device scale, colsum), with M, N, K not multiples of any block."""
-    from hcd.kernels.hcd_head import _gemm
+    from hcd.kernels.gemm import _gemm
     g = torch.Generator().manual_seed(3)
     a1, a2 = torch.randn(37, 40, generator=g), torch.randn(37, 24, generator=g)
     b1, b2 = torch.randn(40, 50, generator=g), torch.randn(24, 50, generator=g)
@@ -193,7 +193,8 @@ def test_gemm_tile_override_changes_only_the_schedule(tile):
 def test_row_kernel_warps_override_gives_the_same_gradients():
     """The launch helper the tile sweep uses (the interpreter ignores warps: there it checks the plumbing;
     compiled on CUDA it compares two warp counts)."""
-    from hcd.kernels.hcd_head import _gemm, _row_launch
+    from hcd.kernels.gemm import _gemm
+    from hcd.kernels.hcd_head import _row_launch
     from dataclasses import replace
     case, cfg = HEAD_CASES["odd-n3"]
     cfg = replace(cfg, n_sublogits=case.n)  # the internal launch trusts its arguments (the API checks them)

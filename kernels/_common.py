@@ -1,0 +1,33 @@
+"""Triton row helpers shared by the fused heads (kernels/hcd_head.py, kernels/student.py): softmax
+statistics and label-smoothed CE of one masked fp32 row held in registers."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_stats(x, mask):
+    """(m, e, s, log_s) of a masked fp32 row: m = max, e = exp(x - m) (0 off the mask), s = sum e.
+
+    log_s is computed as log1p of the sum WITHOUT the max element(s): in a confident row (p_max -> 1)
+    the other terms are each below half an ulp of 1, so adding them to the 1 loses them in whatever
+    order the reduction runs, and log(s) would round the loss -log p_max ~ 1e-7 to 0.
+    """
+    m = tl.max(tl.where(mask, x, -float("inf")), axis=0)
+    e = tl.exp(tl.where(mask, x - m, -float("inf")))
+    top = mask & (x == m)
+    rest = tl.sum(tl.where(top, 0.0, e), axis=0) + (tl.sum(top.to(tl.float32), axis=0) - 1.0)
+    u = 1.0 + rest
+    d = u - 1.0
+    log_s = tl.where(d == 0.0, rest, tl.log(u) * (rest / tl.where(d == 0.0, 1.0, d)))  # accurate log1p
+    return m, e, u, log_s
+
+
+@triton.jit
+def smoothed_ce(x, mask, is_y, eps, C):
+    """(ce, m, e, s, log_s) of one masked fp32 row: CE_eps = (1-eps)(lse - x_y) + eps * mean_c(lse - x_c),
+    with lse - x_c written as log(s) + (m - x_c) so a large common offset cancels exactly instead of
+    through lse. The softmax statistics come back for the gradient (softmax = e / s)."""
+    m, e, s, log_s = softmax_stats(x, mask)
+    nll = log_s + (m - tl.sum(tl.where(is_y, x, 0.0), axis=0))  # parenthesised: keep log_s
+    smooth = log_s + tl.sum(tl.where(mask, m - x, 0.0), axis=0) / C
+    return (1.0 - eps) * nll + eps * smooth, m, e, s, log_s
