@@ -206,8 +206,6 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
     tl.store(loss_ptr + row * 4 + 3, ce_weight * ce_part + kl_weight * kl_part + ol_weight * ol_part)
 
 
-# ---------------------------------------------------------------------------------------------------
-
 def _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, *, teacher_grad, write_dz, num_warps=None):
     """Launch 2 of the plan: one program per row over Z (B, n*C) fp32; num_warps overrides the choice
     (bench/tile_sweep.py)."""
