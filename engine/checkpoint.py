@@ -13,6 +13,7 @@ and then replaces the pointer files with os.replace (atomic on POSIX). A crash a
 previous `latest` pointing at a complete folder; stale `.tmp-*` folders are removed by the next save.
 Folders referenced by neither pointer are deleted after the pointers move.
 Multi-node runs need RUN on a file system every node sees (as DeepSpeed's own checkpointing does).
+What a resume must match (layout.json) and the checks of a run folder before a run starts: engine/layout.py.
 """
 import json
 import os
@@ -149,3 +150,41 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
         # our own file, holding numpy's RNG tuple: not loadable with weights_only=True
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return client_state or {}
+
+
+class NonFiniteState(RuntimeError):
+    """Training reached a state that must not be checkpointed (non-finite weights or losses)."""
+
+
+class Checkpointer:
+    """One run's checkpoints (as timm's CheckpointSaver): save(state) writes step `state.step` unless this
+    process already saved it, moves `latest` (and `best`), and refuses non-finite weights."""
+
+    def __init__(self, engine, ckpt_dir: Path, rank: int, layout: Optional[dict] = None):
+        self.engine, self.dir, self.rank, self.layout = engine, Path(ckpt_dir), rank, layout
+
+    def save(self, state, best: bool = False, **extra) -> str:
+        """`extra`: more client state (JSON-like values), returned by load() beside "hcd"."""
+        if not params_finite(self.engine):  # never write a non-finite checkpoint
+            raise NonFiniteState(f"parameters are not finite at step {state.step}; checkpoint not written")
+        tag = save(self.engine, self.dir, state.step, {"hcd": state.to_dict(), **extra}, self.rank, best=best,
+                   written=state.saved_step == state.step, layout=self.layout)
+        state.saved_step = state.step
+        return tag
+
+    def load(self, tag: str) -> dict:
+        """Restore everything of step folder `tag`; returns the client state saved with it."""
+        return load(self.engine, self.dir, tag, self.rank)
+
+
+def params_finite(engine) -> bool:
+    """All trainable values finite on every rank (ZeRO-3 holds a partition in ds_tensor). Called only
+    before writing a checkpoint: a host sync per save."""
+    ok = torch.ones((), device=next(engine.module.parameters()).device)
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", p)
+        if t.numel():
+            ok = ok * torch.isfinite(t).all()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())

@@ -18,7 +18,7 @@ def _train(args):
 def _eval(args):
     from hcd.engine.config import load_config
     cfg = load_config(args.config, tuple(args.set or ()))
-    from hcd.engine.trainer import evaluate_checkpoint
+    from hcd.engine.evaluate import evaluate_checkpoint
     return evaluate_checkpoint(cfg, args.checkpoint)
 
 
@@ -133,11 +133,6 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"hcd {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("hcd.engine."):
-            raise
-        print(f"hcd {args.command}: not built yet ({e.name} is missing)", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"hcd {args.command}: interrupted", file=sys.stderr)
         return 1

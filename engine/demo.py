@@ -41,16 +41,17 @@ def _train_teacher(cfg, run: Path) -> Path:
     cfg.train.teacher_epochs epochs on the digits train split held in memory, with +-2 px shifts as the only
     augmentation (the loaders' random-resized-crop and flips suit photos, not digits, and a weak teacher
     would make the distillation meaningless). Evaluated through the real val loader."""
-    import math
+    import functools
 
     import timm
     import torch.nn.functional as F
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from hcd.engine.data import build_loaders
+    from hcd.engine.evaluate import evaluate
+    from hcd.engine.export import save_safetensors
     from hcd.engine.models import norm_stats
-    from hcd.engine.trainer import evaluate
+    from hcd.engine.schedule import lr_multiplier
 
     torch.manual_seed(cfg.seed)
     model = timm.create_model(cfg.model.teacher, num_classes=cfg.model.num_classes, **cfg.model.teacher_kwargs)
@@ -66,8 +67,9 @@ def _train_teacher(cfg, run: Path) -> Path:
     epochs = cfg.train.teacher_epochs
     total, warm = epochs * steps_per_epoch, steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_multiplier, total_steps=total, steps_per_epoch=steps_per_epoch, name="cosine", warmup_epochs=1,
+        warmup_start_factor=1 / warm, min_lr_ratio=0.0, step_epochs=1, gamma=1.0))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc="teacher", dynamic_ncols=True)
@@ -91,7 +93,7 @@ def _train_teacher(cfg, run: Path) -> Path:
     print(f"teacher trained from scratch ({epochs} epochs): val top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
           f"({count} images)", flush=True)
     path = run / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
 
 

@@ -128,8 +128,22 @@ class HCDDistiller(nn.Module):
         parts.update(sums)
         return DistillOutput(logits=logits, loss=total, parts=parts)
 
-    def spec_total(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """HCD_SPEC.md's total recomputed from unweighted parts (for logging checks and tests)."""
-        c = self.loss_cfg
-        return (c.ce_weight * (parts["ce"] + parts["sce"]) + c.kd_weight * parts["kd"]
-                + c.sublogit_kl_weight * parts["skl"] + c.ol_weight * parts["ol"])
+
+def build_distiller(cfg, device, rank: int = 0):
+    """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the student with a
+    projector and CFM per stage (identical initial weights on every rank), the student's normalisation."""
+    from hcd.engine.models import build_student, build_teacher, norm_stats
+    m = cfg.model
+    if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
+        print("warning: model.teacher_checkpoint is not set and model.pretrained is false: the teacher is "
+              "randomly initialised, and distilling from it teaches nothing (train.teacher_epochs is used by "
+              "`hcd demo` only)", flush=True)
+    torch.manual_seed(cfg.seed)
+    student = build_student(m.student, m.num_classes, cfg.head.stages, m.student_checkpoint, m.pretrained,
+                            m.student_kwargs)
+    mean, std = norm_stats(student.model)
+    teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
+                            student_mean=mean, student_std=std).to(device)
+    distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.stages,
+                             cfg.head.cfm_hidden, cfg.head.backend)
+    return teacher, distiller, mean, std

@@ -7,6 +7,7 @@ loads it (the JSON holds name, num_classes, model_kwargs and the pretrained_cfg:
 class names). Projectors, CFMs and the teacher are training-time only and are not exported.
 """
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,18 +18,15 @@ def export_student(state_dict: dict, out_dir, name: str, num_classes: int, *, mo
                    mean=None, std=None, img_size: int = 224, crop_pct: float = 0.875,
                    class_names: Optional[Sequence[str]] = None, stem: str = "student") -> Path:
     """Write OUT/<stem>.safetensors (fp32, contiguous) and OUT/<stem>.json; returns the weights path."""
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{stem}.safetensors"
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state_dict.items()}
-    tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": name})
-    tmp.replace(weights)
+    save_safetensors(tensors, weights, metadata={"format": "pt", "architecture": name})
     pretrained_cfg = {
         "file": weights.name, "num_classes": num_classes, "input_size": [3, img_size, img_size],
-        "crop_pct": crop_pct, "interpolation": "bilinear",  # what our val pipelines use
+        "crop_pct": crop_pct, "crop_mode": "center", "interpolation": "bilinear",  # what our val pipelines use
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }
     meta = {"architecture": name, "num_classes": num_classes, "model_kwargs": dict(model_kwargs or {}),
@@ -36,6 +34,18 @@ def export_student(state_dict: dict, out_dir, name: str, num_classes: int, *, mo
             "pretrained_cfg": pretrained_cfg}
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2))
     return weights
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    """Atomically (a sibling .tmp, then os.replace), readable as any file this process writes: safetensors
+    creates its files 0600, which other users of a shared cluster could not read."""
+    from safetensors.torch import save_file
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def load_exported(weights) -> torch.nn.Module:
@@ -47,3 +57,38 @@ def load_exported(weights) -> torch.nn.Module:
     overlay["file"] = str(weights)
     return timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
                              num_classes=meta["num_classes"], **meta["model_kwargs"])
+
+
+def student_state_dict(engine, zero_stage: int, rank: int) -> dict:
+    """The timm student's full state dict on rank 0 ({} on the others); collective (every rank calls it).
+
+    Parameters are the fp32 master weights wherever DeepSpeed keeps them (16-bit training under ZeRO or
+    its bf16 optimizer), not the 16-bit copies the model computes with: a bf16 copy keeps 8 bits of
+    mantissa. Buffers (BatchNorm statistics) are the module's own. ZeRO-3 gathers its partitions."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    student = engine.module.student.model
+    masters = {name: safe_get_full_fp32_param(p) for name, p in student.named_parameters()}  # collective
+    if zero_stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+            sd = {k: v.detach().clone() for k, v in student.state_dict().items()} if rank == 0 else {}
+    else:
+        sd = dict(student.state_dict()) if rank == 0 else {}
+    if rank != 0:
+        return {}
+    for name, master in masters.items():
+        if master is not None and name in sd:
+            sd[name] = master.detach().float()
+    return sd
+
+
+def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem: str = "student") -> None:
+    """Export the student a DeepSpeed engine trains (collective; rank 0 writes and says where)."""
+    from hcd.engine.models import norm_stats
+    sd = student_state_dict(engine, cfg.deepspeed.zero_stage, rank)
+    if rank == 0:
+        mean, std = norm_stats(engine.module.student.model)
+        path = export_student(sd, out_dir, cfg.model.student, cfg.model.num_classes,
+                              model_kwargs=cfg.model.student_kwargs, mean=mean, std=std, img_size=cfg.data.img_size,
+                              crop_pct=cfg.data.crop_pct, class_names=class_names, stem=stem)
+        print(f"exported the student: {path} (+ {path.with_suffix('.json').name})", flush=True)

@@ -1,9 +1,13 @@
-"""Metrics: the accuracy arithmetic (pure functions) and the run folder's metrics.jsonl / TensorBoard log."""
+"""Metrics: the accuracy arithmetic (pure functions), the window of training metrics kept on device between
+log rows, and the run folder's metrics.jsonl / TensorBoard log."""
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from hcd.engine.errors import DataError
 
@@ -21,6 +25,77 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] =
 def accuracy(correct: float, total: float) -> float:
     """Percentage; 0 for an empty split rather than a division error."""
     return 100.0 * correct / total if total else 0.0
+
+
+class MetricWindow:
+    """The loss and its parts summed on device over the micro-batches since the last train row (no host
+    sync per step), and the training time they took: evaluation and checkpoint writes run `paused()`, so
+    images/s counts only the steps' own time. state_dict() carries an open window through a checkpoint,
+    so a resumed run logs the rows the uninterrupted run logs."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, images_per_micro_batch: int):
+        self.images_per_micro_batch = images_per_micro_batch  # all ranks together
+        self.keys: Optional[list] = None
+        self.sums: Optional[torch.Tensor] = None
+        self.count, self.seconds, self._since, self._depth = 0, 0.0, self.clock(), 0
+
+    def add(self, loss: torch.Tensor, parts: dict) -> None:
+        self.keys = self.keys or sorted(parts)
+        vec = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in self.keys])
+        self.sums = vec if self.sums is None else self.sums + vec
+        self.count += 1
+
+    @contextmanager
+    def paused(self):
+        """Time inside is not training time (nested pauses count once)."""
+        if self._depth == 0:
+            self.seconds += self.clock() - self._since
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._since = self.clock()
+
+    def _seconds(self) -> float:
+        return self.seconds + (self.clock() - self._since if self._depth == 0 else 0.0)
+
+    def _global_sums(self) -> torch.Tensor:
+        sums = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return sums
+
+    def means(self, reset: bool = True) -> dict:
+        """{"loss", every part, "images_per_s"} over the window, all ranks together (collective; the host
+        sync of a log row). reset=False leaves the window open (a row logged at a stop)."""
+        seconds = self._seconds()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        vals = (self._global_sums() / (self.count * world)).tolist()
+        row = dict(zip(["loss"] + self.keys, vals))
+        row["images_per_s"] = self.count * self.images_per_micro_batch / max(seconds, 1e-9)
+        if reset:
+            self.sums, self.count, self.seconds, self._since = None, 0, 0.0, self.clock()
+        return row
+
+    def state_dict(self) -> dict:
+        """The open window, summed over ranks (collective: called by every rank when a checkpoint is saved)."""
+        if self.sums is None:
+            return {}
+        return {"keys": self.keys, "sums": self._global_sums().tolist(), "count": self.count,
+                "seconds": self._seconds()}
+
+    def load_state_dict(self, state: dict, rank: int, device) -> None:
+        """Rank 0 takes the saved global sums, the other ranks start from zero: the next all_reduce adds up."""
+        if not state:
+            return
+        sums = torch.tensor(state["sums"], device=device)
+        self.keys, self.count, self.seconds = state["keys"], state["count"], state["seconds"]
+        self.sums = sums if rank == 0 else torch.zeros_like(sums)
+        self._since = self.clock()
 
 
 class MetricsLog:

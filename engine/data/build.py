@@ -1,4 +1,4 @@
-"""build_loaders: the trainer's one entry point; picks DALI or torch (`data.loader`)."""
+"""build_loaders: the one entry point of every loader; picks DALI, torch or synthetic (`data.loader`)."""
 import importlib.util
 
 import torch
@@ -21,21 +21,26 @@ def choose_backend(loader: str) -> str:
     if loader == "dali" and not dali_available():
         raise ConfigError("data.loader: 'dali' but NVIDIA DALI is not installed "
                           "(pip install nvidia-dali-cuda120, or set data.loader: torch)")
-    if loader not in ("dali", "torch"):
-        raise ConfigError(f"data.loader: {loader!r} is not one of 'auto', 'dali', 'torch'")
+    if loader not in ("dali", "torch", "synthetic"):
+        raise ConfigError(f"data.loader: {loader!r} is not one of 'auto', 'dali', 'torch', 'synthetic'")
     return loader
 
 
 def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: int = 1, seed: int = 0,
-                  device=torch.device("cpu")):
+                  device=torch.device("cpu"), num_classes=None):
     """(train_loader, val_loader) for this rank; see hcd.engine.data.base for the loader interface.
 
     mean, std: 3 numbers on the 0-1 scale (timm's pretrained_cfg). With DALI on a CUDA device the
-    pipeline decodes on the GPU ("mixed"); on a CPU device it runs DALI's CPU operators.
+    pipeline decodes on the GPU ("mixed"); on a CPU device it runs DALI's CPU operators. `synthetic` reads
+    no files and draws `num_classes` class patterns (tests and benchmarks).
     """
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
     backend = choose_backend(data_cfg.loader)
+    if backend == "synthetic":
+        from hcd.engine.data.synthetic import build_synthetic_loaders
+        return build_synthetic_loaders(data_cfg, mean, std, rank=rank, world_size=world_size, seed=seed,
+                                       device=device, num_classes=num_classes)
     if backend == "dali":
         from hcd.engine.data.dali import DaliLoader as Loader
     else:

@@ -5,9 +5,9 @@ batch index) for training and (seed, sample index) for validation: a run resumed
 the tensors the uninterrupted run saw, and a student can learn the classes (so accuracy means something).
 For tests and benchmarks; no files are read.
 """
-import math
-
 import torch
+
+from hcd.engine.data import sampler
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -26,11 +26,12 @@ class SyntheticLoader:
         self.img_size, self.rank, self.world_size, self.seed = img_size, rank, world_size, seed
         self.device = torch.device(device)
         self.classes = [str(c) for c in range(num_classes)]
-        # Val: rank r owns samples r, r + W, ... so every sample is counted once across ranks.
-        self.num_samples = num_samples // world_size if train else len(range(rank, num_samples, world_size))
+        # The shards of the file loaders (hcd.engine.data.sampler): train n // W samples per rank; val
+        # every sample once across ranks (rank r: r, r + W, ...), each drawn from its own global index.
+        self._val_index = None if train else sampler.val_indices(num_samples, rank, world_size)
+        self.num_samples = num_samples // world_size if train else len(self._val_index)
         self.drop_last = drop_last and train
-        n = self.num_samples / batch_size
-        self._len = math.floor(n) if self.drop_last else math.ceil(n)
+        self._len = sampler.num_batches(self.num_samples, batch_size, self.drop_last)
         self.skipped = 0
         self.epoch, self.start_batch = 0, 0
         # Class patterns in [0, 1] pixel space, normalised like real images.
@@ -51,7 +52,7 @@ class SyntheticLoader:
             labels = torch.randint(0, self.num_classes, (size,), generator=g)
             noise = torch.randn(size, 3, self.img_size, self.img_size, generator=g)
         else:  # one generator per global sample index: independent of world size and batch size
-            idx = range(self.rank + b * self.batch_size * self.world_size, 10 ** 12, self.world_size)[:size]
+            idx = self._val_index[b * self.batch_size:b * self.batch_size + size].tolist()
             labels, noise = [], []
             for i in idx:
                 g = _generator(self.seed, -1, i)
@@ -67,8 +68,10 @@ class SyntheticLoader:
         self.start_batch = 0  # the next pass of the same epoch starts at its beginning
 
 
-def build_synthetic_loaders(data_cfg, mean, std, rank=0, world_size=1, seed=0, device=None, num_classes=10):
+def build_synthetic_loaders(data_cfg, mean, std, rank=0, world_size=1, seed=0, device=None, num_classes=None):
     """(train_loader, val_loader) of synthetic class-pattern images; see the module docstring."""
+    if num_classes is None:
+        raise ValueError("num_classes: data.loader 'synthetic' needs the number of classes to draw")
     device = torch.device("cpu") if device is None else device
     common = dict(num_classes=num_classes, img_size=data_cfg.img_size, mean=mean, std=std, rank=rank,
                   world_size=world_size, seed=seed, device=device)

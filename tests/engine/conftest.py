@@ -1,12 +1,13 @@
 """Trainer-test fixtures. A tiny run config: ViT teacher (2 blocks, width 48) -> ResNet18 student with
 heads on stages 3 and 4, 32 px synthetic images, a few steps. DeepSpeed start-up dominates their time."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hcd.engine.distributed import LAUNCHER_ENV_KEYS, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,16 +40,10 @@ def _write_config(tmp_path) -> str:
     return str(p)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m hcd.engine.cli ARGS` on the CPU accelerator (gloo)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for k in LAUNCHER_ENV_KEYS:
         env.pop(k, None)  # set by in-process runs of the same pytest session
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), "-m", "hcd.engine.cli", *args]

@@ -93,3 +93,21 @@ def test_cli_help_lists_every_subcommand():
     assert r.returncode == 0
     for cmd in ("train", "eval", "verify", "bench", "data-check", "demo", "plot"):
         assert cmd in r.stdout
+
+
+def test_a_saved_config_works_from_another_directory(tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "runs" / "x").mkdir(parents=True)
+    elsewhere.mkdir()
+    (work / "runs" / "x" / "teacher.safetensors").write_bytes(b"")
+    (work / "ds.json").write_text("{}")
+    monkeypatch.chdir(work)
+    cfg = load_config(None, ("model.teacher_checkpoint=runs/x/teacher.safetensors", "data.root=data",
+                             "deepspeed.config_file=ds.json", "out=runs/x", "data.train_list=train.txt"))
+    dump_config(cfg, work / "runs" / "x" / "config.yaml")
+    monkeypatch.chdir(elsewhere)
+    saved = load_config(str(work / "runs" / "x" / "config.yaml"))
+    assert Path(saved.model.teacher_checkpoint) == work / "runs" / "x" / "teacher.safetensors"
+    assert Path(saved.model.teacher_checkpoint).is_file() and Path(saved.deepspeed.config_file).is_file()
+    assert (saved.data.root, saved.out) == (str(work / "data"), str(work / "runs" / "x"))
+    assert saved.data.train_list == "train.txt" and saved.model.student_checkpoint is None  # relative to root

@@ -1,5 +1,7 @@
 """Student export (timm round trip) and malformed configs (one-line errors, exit 2, no run folder)."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -92,3 +94,53 @@ def test_argument_errors_are_one_line(argv, needle, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(needle) and "--help" in err, err
+
+
+def _readme_snippet() -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("```python\nimport json, timm") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_the_readmes_timm_snippet_scores_what_hcd_eval_prints(tmp_path, capsys):
+    """The exported student through timm's standard data path (resolve_data_config + create_transform) as the
+    README shows it: the same logits as the run's val loader, so the score `hcd eval` printed."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from hcd.engine.config import load_config
+    from hcd.engine.data import build_loaders
+    rng = np.random.default_rng(0)  # noise images of varied sizes: the preprocessing decides every logit
+    for split, n in (("train", 2), ("val", 4)):
+        for c in "abc":
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (37 + 5 * i, 44, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.jpg", quality=95)
+    torch.manual_seed(0)
+    student = build_student("resnet18", 3, [4])
+    mean, std = norm_stats(student.model)
+    run = tmp_path / "runs" / "x"
+    export_student(student.model.state_dict(), run, "resnet18", 3, mean=mean, std=std, img_size=32, crop_pct=0.8,
+                   class_names=list("abc"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "student.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like other files
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{student: resnet18, num_classes: 3}}\ndata: {{root: {tmp_path / 'data'}, "
+                      "img_size: 32, crop_pct: 0.8, loader: torch, num_workers: 0, batch_size: 2}\n")
+    assert main(["eval", "--config", str(config), "--checkpoint", str(run / "student.safetensors")]) == 0
+    printed = float(re.search(r"val top-1 ([0-9.]+)%", capsys.readouterr().out).group(1))
+
+    namespace = {}
+    exec(_readme_snippet().replace("runs/x", str(run)), namespace)
+    model, transform = namespace["model"].eval(), namespace["transform"]
+    _, val_loader = build_loaders(load_config(str(config)).data, mean, std)
+    ours = torch.cat([model(images) for images, _ in val_loader])
+    labels = torch.cat([labels for _, labels in val_loader])
+    files = sorted((tmp_path / "data" / "val").rglob("*.jpg"))
+    theirs = torch.cat([model(transform(Image.open(f).convert("RGB")).unsqueeze(0)) for f in files])
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert 100.0 * (theirs.argmax(1) == labels).float().mean().item() == pytest.approx(printed, abs=0.005)

@@ -6,7 +6,7 @@ import pytest
 
 from hcd.engine.config import load_config
 from hcd.engine.models import STUDENT_FAMILIES, TEACHER_FAMILIES, model_family
-from hcd.engine.trainer import deepspeed_config
+from hcd.engine.distributed import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -1,0 +1,199 @@
+"""Processes and DeepSpeed: the launcher's environment, the process group, the generated DeepSpeed config and
+the engine that wraps the distiller.
+
+A run is one process (we set up a 1-process group, so DeepSpeed never tries MPI discovery), or several under
+torchrun or the `deepspeed` launcher (which set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*). Without CUDA,
+DS_ACCELERATOR=cpu and gloo are used. DeepSpeed is imported only here and only when a run starts, so bad
+input is reported before its import cost and `hcd verify` / `hcd bench` run on machines without it.
+"""
+import json
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hcd.engine.config import Config, ConfigError
+
+LAUNCHER_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # we created the process group (so it is destroyed at exit)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env() -> Dist:
+    """Rank, world size and device from the launcher's variables (torchrun, deepspeed), or a 1-process
+    setting when none are set. Starts nothing, so bad input can be reported before DeepSpeed is imported."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # A plain `hcd train`: a 1-process group; setting the variables keeps DeepSpeed from MPI discovery.
+        defaults = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        for k in LAUNCHER_ENV_KEYS:
+            os.environ.setdefault(k, defaults[k])
+    os.environ.setdefault("LOCAL_RANK", "0")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, local_rank, device)
+
+
+@contextmanager
+def distributed():
+    """process_env() for the duration of a command. DeepSpeed caches its process groups module-wide, so a
+    group we created stays up for later calls in the same process (tests, `hcd demo`) and goes at exit."""
+    d = process_env()
+    try:
+        yield d
+    finally:
+        if d.owns_group:
+            import atexit
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
+def rank0_print(d: Dist, *args) -> None:
+    if d.rank == 0:
+        print(*args, flush=True)
+
+
+def import_deepspeed():
+    """Import DeepSpeed on the right accelerator: without CUDA it must be told 'cpu' before import."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+    # torch warns at DeepSpeed's import that CUDA_HOME has no runtime: noise on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+    return deepspeed
+
+
+def init_process_group(d: Dist) -> None:
+    """Through DeepSpeed (nccl on CUDA, gloo on CPU), unless a group already exists (reused)."""
+    deepspeed = import_deepspeed()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+        d.owns_group = True
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The generated DeepSpeed config, with `deepspeed.config_file` (if any) merged underneath it."""
+    t = cfg.train
+    base = {}
+    if cfg.deepspeed.config_file:
+        p = Path(cfg.deepspeed.config_file)
+        if not p.is_file():
+            raise ConfigError(f"deepspeed.config_file: file not found: {p}")
+        try:
+            base = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config_file: {p} is not valid JSON ({e})") from None
+        stage = base.get("zero_optimization", {}).get("stage", cfg.deepspeed.zero_stage)
+        if stage != cfg.deepspeed.zero_stage:
+            raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} but {p} sets stage {stage}")
+    zero = dict(base.get("zero_optimization", {}), stage=cfg.deepspeed.zero_stage)
+    ds = dict(base)
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,   # our torch SGD/AdamW under ZeRO
+        "bf16": dict(base.get("bf16", {}), enabled=t.precision == "bf16"),
+        # bf16 gradients lose bits when accumulated over micro-batches and ranks: accumulate in fp32 (DeepSpeed
+        # 0.19 supports that from ZeRO-1 on; ZeRO-0 with bf16 keeps bf16 gradients: prefer ZeRO-1 with bf16)
+        "data_types": dict(base.get("data_types", {}), **(
+            {"grad_accum_dtype": "fp32"} if t.precision == "bf16" and cfg.deepspeed.zero_stage >= 1 else {})),
+        "fp16": dict(base.get("fp16", {}), enabled=t.precision == "fp16"),
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+class EngineModule(torch.nn.Module):
+    """What DeepSpeed wraps: the distiller, returning a plain tuple (loss, logits, parts) that ZeRO-3's
+    hooks can see into, with the CFMs' output Linears (used by the fused loss, not called as modules)
+    registered as external parameters so ZeRO-3 gathers them for forward and backward."""
+
+    def __init__(self, distiller):
+        super().__init__()
+        self.distiller = distiller
+
+    @property
+    def student(self):
+        return self.distiller.student
+
+    def register_zero3_external(self):
+        import deepspeed
+        for cfm in self.distiller.cfms:
+            for p in cfm.out.parameters():
+                deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, images, target, f_t, z_t):
+        out = self.distiller(images, target, f_t, z_t)
+        return out.loss, out.logits, out.parts
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Student + projectors + CFMs (the teacher is not in `model`). No weight decay on biases and norm
+    weights (1-D tensors), as timm and the OFA-KD recipes do."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def build_engine(cfg: Config, distiller, d: Dist, lr_lambda=None):
+    """deepspeed.initialize over EngineModule(distiller) with our optimizer (and a per-step LambdaLR).
+    Starts the process group first (collective: every rank calls it)."""
+    ds_config = deepspeed_config(cfg, d.world)
+    init_process_group(d)
+    deepspeed = import_deepspeed()
+    module = EngineModule(distiller)
+    scheduler = None if lr_lambda is None else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module), config=ds_config,
+                                           lr_scheduler=scheduler, dist_init_required=False)
+    if cfg.deepspeed.zero_stage == 3:
+        module.register_zero3_external()
+    match_buffers(engine)
+    return engine
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed left the student's weights in (bf16/fp16 when it converted the module)."""
+    return next(engine.module.student.parameters()).dtype
+
+
+def match_buffers(engine) -> None:
+    """DeepSpeed (0.19) converts parameters to bf16/fp16 but not buffers, and batch_norm in training mode then
+    refuses fp32 running statistics with half weights: the buffers follow the parameters' dtype."""
+    dtype = compute_dtype(engine)
+    if dtype != torch.float32:
+        for b in engine.module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(dtype)

@@ -1,0 +1,121 @@
+"""Accuracy on the val split: evaluate() (all ranks together) and `hcd eval` of a checkpoint or an export."""
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hcd.engine import checkpoint
+from hcd.engine.config import Config, ConfigError
+from hcd.engine.distributed import Dist, build_engine, compute_dtype, distributed, init_process_group, rank0_print
+from hcd.engine.errors import ModelError
+from hcd.engine.layout import check_layout, parameter_shapes, run_layout, with_legacy_shapes
+from hcd.engine.metrics import accuracy, topk_correct
+
+
+@torch.no_grad()
+def evaluate(forward, loader, device) -> tuple:
+    """(top-1 %, top-5 %, samples) of forward(images) -> logits over the val split, all ranks together: each
+    rank sums its correct counts and sample count on device, one all_reduce adds them (every sample once)."""
+    counts = torch.zeros(3, device=device)
+    # Val shards may differ by one batch between ranks; under ZeRO-3 every forward gathers parameters
+    # collectively, so a rank that runs out early repeats a forward (uncounted) to keep the others company.
+    rounds = torch.tensor([len(loader)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    rounds, seen, last = int(rounds.item()), 0, None
+    loader.set_epoch(0)
+    for images, labels in loader:
+        logits = forward(images).float()
+        counts[:2] += topk_correct(logits, labels, (1, 5))
+        counts[2] += labels.numel()
+        seen, last = seen + 1, images
+    for _ in range(rounds - seen if last is not None else 0):
+        forward(last[:1])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    c1, c5, n = counts.tolist()
+    return accuracy(c1, n), accuracy(c5, n), int(n)
+
+
+def student_forward(engine):
+    """images -> student logits, in the dtype DeepSpeed keeps the student's weights in."""
+    student, dtype = engine.module.student, compute_dtype(engine)
+    return lambda images: student(images.to(dtype))[0]
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
+    """Student (and teacher) accuracy on the val split from a checkpoint folder (a run's checkpoints/,
+    or one step folder in it) or from an exported student .safetensors. A checkpoint folder's student is
+    also exported next to it (student.safetensors + .json in the step folder)."""
+    p = Path(checkpoint_path)
+    if not p.exists():
+        raise ConfigError(f"--checkpoint: {p} not found")
+    with distributed() as d:
+        if p.suffix == ".safetensors":
+            return _evaluate_export(cfg, p, d)
+        if (p / "latest").is_file():
+            ckpt_dir, tag = p, checkpoint.read_pointer(p, "latest")
+        elif p.is_dir() and p.name.startswith("step-"):
+            ckpt_dir, tag = p.parent, p.name
+        else:
+            raise ConfigError(f"--checkpoint: {p} is neither a checkpoints folder, a step-* folder nor a .safetensors file")
+        if tag is None:
+            raise ConfigError(f"--checkpoint: {p}/latest names no existing checkpoint")
+        return _evaluate_step_folder(cfg, ckpt_dir, tag, d)
+
+
+def _load_optimizer_too(cfg: Config, saved, d: Dist, folder: Path) -> bool:
+    """With the layout it was written with, the optimizer state loads too: the export then holds the fp32
+    master weights, and ZeRO-3 (whose weights live in the optimizer partitions) loads at all. Otherwise the
+    module's weights alone (ZeRO <= 2), on any number of processes."""
+    keys = ("world size (processes)", "deepspeed.zero_stage", "train.precision", "optim.name")
+    now = run_layout(cfg, d.world)
+    if saved is not None and all(saved.get(k) == now[k] for k in keys):
+        return True
+    if 3 in (cfg.deepspeed.zero_stage, (saved or {}).get("deepspeed.zero_stage")):
+        check_layout(saved, {k: now[k] for k in keys}, folder, "--checkpoint",
+                     "a ZeRO-3 checkpoint loads only with the run's config and world size (or evaluate "
+                     "the run's exported student.safetensors)")
+        return True  # a checkpoint from before layout.json: try
+    return False
+
+
+def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int:
+    from hcd.engine.data import build_run_loaders
+    from hcd.engine.distiller import build_distiller
+    from hcd.engine.export import export_from_engine
+    saved = checkpoint.read_layout(ckpt_dir, tag)
+    full = _load_optimizer_too(cfg, saved, d, ckpt_dir / tag)
+    teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
+    shapes = parameter_shapes(distiller)
+    check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag,
+                 "--checkpoint", hint="; the run's exported student.safetensors evaluates under any head settings")
+    _, val_loader = build_run_loaders(cfg, mean, std, d)
+    engine = build_engine(cfg, distiller, d)
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not full,
+                                     load_optimizer_states=full, load_lr_scheduler_states=False)
+    if path is None:
+        raise ConfigError(f"--checkpoint: DeepSpeed found no checkpoint at {ckpt_dir / tag}")
+    engine.eval()
+    s1, s5, n = evaluate(student_forward(engine), val_loader, d.device)
+    t1, t5, _ = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
+    rank0_print(d, f"student {cfg.model.student} ({ckpt_dir / tag}): val top-1 {s1:.2f}%  top-5 {s5:.2f}%  "
+                   f"({n} images); teacher top-1 {t1:.2f}%  top-5 {t5:.2f}%")
+    export_from_engine(cfg, engine, ckpt_dir / tag, d.rank, val_loader.classes)
+    return 0
+
+
+def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
+    from hcd.engine.data import build_run_loaders
+    from hcd.engine.export import load_exported
+    from hcd.engine.models import norm_stats
+    if not weights.is_file() or not weights.with_suffix(".json").is_file():
+        raise ModelError(f"--checkpoint: {weights} or its {weights.with_suffix('.json').name} is missing")
+    model = load_exported(weights).to(d.device).eval()
+    mean, std = norm_stats(model)
+    _, val_loader = build_run_loaders(cfg, mean, std, d)
+    if d.world > 1:
+        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
+    s1, s5, n = evaluate(model, val_loader, d.device)
+    rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
+    return 0
