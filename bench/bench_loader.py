@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from hcd.engine.loader_bench import build_pass, dali_available, make_photo_folder
+from hcd.engine.bench.loader_rows import build_pass, dali_available, make_photo_folder
 
 N_PER_CLASS, CLASSES = 64, 4          # 256 images per split
 WORKERS = int(os.environ.get("HCD_BENCH_WORKERS", "2"))

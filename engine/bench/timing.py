@@ -9,12 +9,11 @@
   replayed: no Python, no launch gaps from the host. It is what the losses cost inside a training step,
   where the GPU queue is full and the host runs ahead, and the only fair base for a roofline fraction.
   L2 is warm here (not flushed between the captured calls).
-- launch_profile (CUDA): per-kernel device time of one call in launch order (torch.profiler), to see
-  which launch dominates.
+Where the device time of one call goes, launch by launch, is profile.py's.
 """
 import statistics
 import time
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -110,56 +109,6 @@ def _release_failed_capture(pool) -> None:
             getattr(torch._C, name)(device, pool)
         except (AttributeError, RuntimeError):
             pass
-
-
-def launch_profile(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), calls: int = 5) -> dict:
-    """Per-launch device time of fn() (CUDA): torch.profiler over `calls` calls, see per_launch."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        clear_grads(grads)
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            clear_grads(grads)
-            fn()
-        torch.cuda.synchronize()
-    clear_grads(grads)
-    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-              if e.device_type == DeviceType.CUDA]
-    if not events:  # CUPTI unavailable or taken by another profiler: say so instead of "0 launches"
-        raise RuntimeError("torch.profiler recorded no CUDA kernels (is CUPTI available?)")
-    return per_launch(events, calls)
-
-
-def per_launch(events: List[Tuple[str, float, float]], calls: int) -> dict:
-    """Device events (name, start_us, end_us) of `calls` identical calls -> the launches of one call.
-
-    Returns {"launches": [{"launch", "kernel", "us"}], "kernel_us", "span_us", "per_call"}: launches in
-    order with their mean duration, the summed kernel time of one call, and the mean span from its first
-    kernel's start to its last kernel's end (span well above kernel_us: the GPU waited for the host).
-    When the calls did not launch the same sequence, launches are grouped by kernel name instead
-    ("launch" is then None, "count" the launches per call) and span_us is None.
-    """
-    events = sorted(events, key=lambda e: e[1])
-    per, rest = divmod(len(events), calls) if calls > 0 else (0, 1)
-    chunks = [events[i * per:(i + 1) * per] for i in range(calls)] if per and not rest else []
-    same = bool(chunks) and all([e[0] for e in c] == [e[0] for e in chunks[0]] for c in chunks)
-    if same:
-        launches = [{"launch": i + 1, "kernel": chunks[0][i][0],
-                     "us": statistics.mean(c[i][2] - c[i][1] for c in chunks)} for i in range(per)]
-        span = statistics.mean(c[-1][2] - c[0][1] for c in chunks)
-    else:
-        by_name = {}
-        for name, start, end in events:
-            count, total = by_name.get(name, (0, 0.0))
-            by_name[name] = (count + 1, total + end - start)
-        launches = [{"launch": None, "kernel": name, "count": count / max(calls, 1), "us": total / max(calls, 1)}
-                    for name, (count, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1])]
-        span = None
-    return {"launches": launches, "kernel_us": sum(r["us"] for r in launches), "span_us": span,
-            "per_call": per if same else None}
 
 
 def try_cuda(measure: Callable[[], object]) -> Tuple[Optional[object], Optional[str]]:
