@@ -45,7 +45,7 @@ def format_table(rows: List[dict]) -> str:
         lines.append(line + f" {_fmt(mem, '.0f'):>6}")
     lines.append("times in ms (medians); 'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
     if gpu:
-        lines.append("left of '|': launch-inclusive (do_bench, L2 flushed, host time included); host = Python time to "
+        lines.append("left of '|': launch-inclusive (CUDA events, L2 flushed, host time included); host = Python time to "
                      "issue the fused call; right of '|': device time per call from CUDA-graph replay (warm L2), the "
                      "base of TFLOP/s, GB/s and roof (the launch-inclusive roofline fraction is in the JSON)")
         failed = sorted({f"{b}: {e}" for r in rows for b, e in (r.get("device_errors") or {}).items()})

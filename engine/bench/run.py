@@ -3,7 +3,7 @@
 Prints a table of ratios, achieved TFLOP/s and GB/s against the card's roofline and peak memory, and writes
 bench/results/<device>-<date>.json. On CPU the shapes are small and the Triton path (which would run in the
 interpreter) is timed at a tiny shape only, marked "interpreter" and left out of every ratio.
-Timing (timing.py): launch-inclusive medians (do_bench on CUDA, a timed loop on CPU) for every backend;
+Timing (timing.py): launch-inclusive medians (CUDA events on CUDA, a timed loop on CPU) for every backend;
 on CUDA also the host's issue time of the fused call, device time from CUDA-graph replay (the roofline's
 base) and, for the headline shape, a per-launch profile of every backend (profile.py).
 """

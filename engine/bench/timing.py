@@ -1,8 +1,8 @@
 """How `hcd bench` times one call, in three views that disagree at the loss heads' real sizes.
 
-- time_ms: back-to-back calls as a user's Python loop sees them (triton.testing.do_bench medians, L2
-  flushed between calls, on CUDA; a timed loop on CPU). It includes the host's time whenever the host
-  is slower than the GPU, which it is for kernels of tens of microseconds.
+- time_ms: back-to-back calls as a user's Python loop sees them (on CUDA: CUDA-event medians with L2
+  flushed between calls; on CPU: a timed loop). It includes the host's time whenever the host is slower
+  than the GPU, which it is for kernels of tens of microseconds.
 - host_ms (CUDA): the Python time to issue one call, the GPU idle before it. When it is close to
   time_ms, the call is host-bound and time_ms says nothing about the kernels.
 - graph_ms (CUDA): device time alone. The call is captured (several times, unrolled) in a CUDA graph and
@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+L2_FLUSH_BYTES = 256 * 2 ** 20  # zeroed before every timed CUDA call: larger than any current GPU's L2
+
 
 def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
     for t in tensors:
@@ -24,20 +26,59 @@ def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, quick=False) -> float:
-    """Median milliseconds of fn()."""
+    """Median milliseconds of fn(), launch-inclusive; grad_to_none's gradients are dropped before each call
+    (fn may run a backward that would otherwise accumulate into them). quick: fewer, shorter repetitions."""
+    grads = grad_to_none or ()
     if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
-                                             grad_to_none=grad_to_none, return_mode="median"))
+        with torch.cuda.device(device):
+            return cuda_median_ms(fn, grads, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 200)
     reps = 3 if quick else 10
     fn()  # warm-up (and compilation for torch.compile)
     samples = []
     for _ in range(reps):
-        clear_grads(grad_to_none or ())
+        clear_grads(grads)
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def cuda_median_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), warmup_ms: float = 25.0,
+                   rep_ms: float = 200.0) -> float:
+    """Median CUDA-event milliseconds of fn() on the current device, each call timed alone after L2 was
+    flushed (no call profits from its predecessor's data still in the cache). The numbers of warm-up and
+    timed calls fill about warmup_ms and rep_ms, from an estimate over 5 calls after a first one (which
+    compiles or autotunes: torch.compile's first call can take seconds, so it is never in the estimate)."""
+    fn()
+    torch.cuda.synchronize()
+    flush = _l2_flush_buffer()
+    start, end = _event(), _event()
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)  # events resolve ~0.5 us: never divide by zero
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    events = [(_event(), _event()) for _ in range(max(1, int(rep_ms / estimate)))]
+    for start, end in events:
+        clear_grads(grads)
+        flush.zero_()  # before the start event: the flush itself is not timed
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+
+def _event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
 
 
 def host_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), reps: int = 30) -> float:
@@ -87,7 +128,7 @@ def graph_ms(make_fn: Callable[[], Callable[[], object]], grads: Sequence[torch.
     torch.cuda.synchronize()
     times = []
     for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = _event(), _event()
         start.record()
         for _ in range(replays):
             graph.replay()
