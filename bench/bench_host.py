@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import hcd.kernels as kernels
-from hcd.engine.bench import STUDENT_SHAPES
-from hcd.engine.bench_shapes import headline_shape
+from hcd.engine.bench.shapes import STUDENT_SHAPES, headline_shape
 from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 from hcd.kernels.testing import make_inputs
 

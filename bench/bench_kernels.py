@@ -1,7 +1,7 @@
 """pytest-benchmark: the HCD head and the student loss, eager vs torch.compile vs fused Triton.
 
 CUDA: CIFAR (B=128, C=100) and ImageNet (B=256, C=1000) shapes with every shipped config's Dp/Dt
-(engine/bench_shapes.py), n in {2, 4, 8}, fp32/bf16/fp16, modes
+(engine/bench/shapes.py), n in {2, 4, 8}, fp32/bf16/fp16, modes
 forward/backward/full. CPU: small shapes, eager and compile only (the interpreter is not a speed).
 Inputs and references come from the tests (tests/kernels/helpers.py), so benchmark and test never diverge.
     python -m pytest bench/bench_kernels.py --benchmark-only
@@ -9,9 +9,9 @@ Inputs and references come from the tests (tests/kernels/helpers.py), so benchma
 import pytest
 import torch
 
-from hcd.engine.bench import (_no_donated_buffers, CPU_SHAPES, DTYPES, MODES, STUDENT_SHAPES, grad_tensors, head_loss_fn,
-                          mode_fn, student_loss_fn)
-from hcd.engine.bench_shapes import gpu_head_shapes
+from hcd.engine.bench.kernel_rows import grad_tensors, head_loss_fn, mode_fn, no_donated_buffers, student_loss_fn
+from hcd.engine.bench.plan import DTYPES, MODES
+from hcd.engine.bench.shapes import CPU_SHAPES, STUDENT_SHAPES, gpu_head_shapes
 from hcd.kernels import HCDLossConfig
 from tests.kernels.helpers import make_inputs
 
@@ -41,7 +41,7 @@ def test_head(benchmark, shape, dtype, mode, backend):
     inp = make_inputs(shape, DTYPES[dtype], DEVICE)
     grads = grad_tensors(inp)
     benchmark.group = f"head B{shape.B} C{shape.C} n{shape.n} {dtype} {mode}"
-    with _no_donated_buffers():
+    with no_donated_buffers():
         _run(benchmark, mode_fn(head_loss_fn(inp, HCDLossConfig(n_sublogits=shape.n), backend), mode), grads)
 
 

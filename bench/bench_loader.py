@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from hcd.engine.loader_bench import build_pass, dali_available, make_photo_folder
+from hcd.engine.bench.loader_rows import build_pass, dali_available, make_photo_folder
 
 N_PER_CLASS, CLASSES = 64, 4          # 256 images per split
 WORKERS = int(os.environ.get("HCD_BENCH_WORKERS", "2"))
@@ -29,5 +29,6 @@ def test_loader_throughput(benchmark, folder, backend, split):
     one_pass = build_pass(folder, backend, split, WORKERS)
 
     n = benchmark.pedantic(one_pass, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(images=n, workers=WORKERS,
-                                images_per_s=round(n / benchmark.stats.stats.mean, 1))
+    if benchmark.stats is not None:  # None under --benchmark-disable: one pass ran, nothing was timed
+        benchmark.extra_info.update(images=n, workers=WORKERS,
+                                    images_per_s=round(n / benchmark.stats.stats.mean, 1))

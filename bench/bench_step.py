@@ -6,7 +6,7 @@ CPU: the demo models (tiny ViT -> ResNet18 at 32 px); CUDA: Swin-T -> ResNet18 a
 import pytest
 import torch
 
-from hcd.engine.step_bench import CPU_SETUP, GPU_SETUP, build_step
+from hcd.engine.bench.step_rows import CPU_SETUP, GPU_SETUP, build_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

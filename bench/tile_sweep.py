@@ -1,8 +1,8 @@
 """Tile sweep of the fused head's launches on one GPU: which GEMM tiles and row-kernel warps are fastest.
 
-At the benchmark issue's headline shape (hcd.engine.bench_shapes: B=256, C=1000, n=4, Swin-T -> ResNet18's
+At the headline shape (hcd.engine.bench.shapes: B=256, C=1000, n=4, Swin-T -> ResNet18's
 Dp=Dt=768) as in training (the teacher feature frozen, so dX covers the Dp columns only), for bf16 and fp32
-activations, every candidate of each launch is timed alone as device time (hcd.engine.timing.graph_ms: 10
+activations, every candidate of each launch is timed alone as device time (hcd.engine.bench.timing.graph_ms: 10
 launches captured in a CUDA graph and replayed), and its output is checked against the default choice's (a
 tile changes only the summation order). The default is marked "*", the fastest "<"; a candidate that does
 not compile on this card (shared memory) shows its error.
@@ -32,7 +32,7 @@ def launches(dtype: torch.dtype, device) -> dict:
     """name -> (run(tile) -> output tensor, candidates, flops): the fused head's heavy launches on the
     inputs the tests and `hcd verify` use."""
     from hcd.kernels import HCDLossConfig
-    from hcd.engine.bench_shapes import headline_shape
+    from hcd.engine.bench.shapes import headline_shape
     from hcd.kernels.testing import make_inputs
     from hcd.kernels.gemm import _backward_dot, _gemm
     from hcd.kernels.hcd_head import _row_launch
@@ -75,8 +75,8 @@ def launches(dtype: torch.dtype, device) -> dict:
 
 
 def sweep(device) -> list:
-    from hcd.engine.bench import per_second
-    from hcd.engine.timing import graph_ms, try_cuda
+    from hcd.engine.bench.roofline import per_second
+    from hcd.engine.bench.timing import graph_ms, try_cuda
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for name, (run, candidates, flops) in launches(dtype, device).items():

@@ -1,22 +1,23 @@
 """How `hcd bench` times one call, in three views that disagree at the loss heads' real sizes.
 
-- time_ms: back-to-back calls as a user's Python loop sees them (triton.testing.do_bench medians, L2
-  flushed between calls, on CUDA; a timed loop on CPU). It includes the host's time whenever the host
-  is slower than the GPU, which it is for kernels of tens of microseconds.
+- time_ms: back-to-back calls as a user's Python loop sees them (on CUDA: CUDA-event medians with L2
+  flushed between calls; on CPU: a timed loop). It includes the host's time whenever the host is slower
+  than the GPU, which it is for kernels of tens of microseconds.
 - host_ms (CUDA): the Python time to issue one call, the GPU idle before it. When it is close to
   time_ms, the call is host-bound and time_ms says nothing about the kernels.
 - graph_ms (CUDA): device time alone. The call is captured (several times, unrolled) in a CUDA graph and
   replayed: no Python, no launch gaps from the host. It is what the losses cost inside a training step,
   where the GPU queue is full and the host runs ahead, and the only fair base for a roofline fraction.
   L2 is warm here (not flushed between the captured calls).
-- launch_profile (CUDA): per-kernel device time of one call in launch order (torch.profiler), to see
-  which launch dominates.
+Where the device time of one call goes, launch by launch, is profile.py's.
 """
 import statistics
 import time
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
+
+L2_FLUSH_BYTES = 256 * 2 ** 20  # zeroed before every timed CUDA call: larger than any current GPU's L2
 
 
 def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
@@ -25,20 +26,59 @@ def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, quick=False) -> float:
-    """Median milliseconds of fn()."""
+    """Median milliseconds of fn(), launch-inclusive; grad_to_none's gradients are dropped before each call
+    (fn may run a backward that would otherwise accumulate into them). quick: fewer, shorter repetitions."""
+    grads = grad_to_none or ()
     if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
-                                             grad_to_none=grad_to_none, return_mode="median"))
+        with torch.cuda.device(device):
+            return cuda_median_ms(fn, grads, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 200)
     reps = 3 if quick else 10
     fn()  # warm-up (and compilation for torch.compile)
     samples = []
     for _ in range(reps):
-        clear_grads(grad_to_none or ())
+        clear_grads(grads)
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def cuda_median_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), warmup_ms: float = 25.0,
+                   rep_ms: float = 200.0) -> float:
+    """Median CUDA-event milliseconds of fn() on the current device, each call timed alone after L2 was
+    flushed (no call profits from its predecessor's data still in the cache). The numbers of warm-up and
+    timed calls fill about warmup_ms and rep_ms, from an estimate over 5 calls after a first one (which
+    compiles or autotunes: torch.compile's first call can take seconds, so it is never in the estimate)."""
+    fn()
+    torch.cuda.synchronize()
+    flush = _l2_flush_buffer()
+    start, end = _event(), _event()
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)  # events resolve ~0.5 us: never divide by zero
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    events = [(_event(), _event()) for _ in range(max(1, int(rep_ms / estimate)))]
+    for start, end in events:
+        clear_grads(grads)
+        flush.zero_()  # before the start event: the flush itself is not timed
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+
+def _event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
 
 
 def host_ms(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), reps: int = 30) -> float:
@@ -88,7 +128,7 @@ def graph_ms(make_fn: Callable[[], Callable[[], object]], grads: Sequence[torch.
     torch.cuda.synchronize()
     times = []
     for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = _event(), _event()
         start.record()
         for _ in range(replays):
             graph.replay()
@@ -110,56 +150,6 @@ def _release_failed_capture(pool) -> None:
             getattr(torch._C, name)(device, pool)
         except (AttributeError, RuntimeError):
             pass
-
-
-def launch_profile(fn: Callable[[], object], grads: Sequence[torch.Tensor] = (), calls: int = 5) -> dict:
-    """Per-launch device time of fn() (CUDA): torch.profiler over `calls` calls, see per_launch."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        clear_grads(grads)
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            clear_grads(grads)
-            fn()
-        torch.cuda.synchronize()
-    clear_grads(grads)
-    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-              if e.device_type == DeviceType.CUDA]
-    if not events:  # CUPTI unavailable or taken by another profiler: say so instead of "0 launches"
-        raise RuntimeError("torch.profiler recorded no CUDA kernels (is CUPTI available?)")
-    return per_launch(events, calls)
-
-
-def per_launch(events: List[Tuple[str, float, float]], calls: int) -> dict:
-    """Device events (name, start_us, end_us) of `calls` identical calls -> the launches of one call.
-
-    Returns {"launches": [{"launch", "kernel", "us"}], "kernel_us", "span_us", "per_call"}: launches in
-    order with their mean duration, the summed kernel time of one call, and the mean span from its first
-    kernel's start to its last kernel's end (span well above kernel_us: the GPU waited for the host).
-    When the calls did not launch the same sequence, launches are grouped by kernel name instead
-    ("launch" is then None, "count" the launches per call) and span_us is None.
-    """
-    events = sorted(events, key=lambda e: e[1])
-    per, rest = divmod(len(events), calls) if calls > 0 else (0, 1)
-    chunks = [events[i * per:(i + 1) * per] for i in range(calls)] if per and not rest else []
-    same = bool(chunks) and all([e[0] for e in c] == [e[0] for e in chunks[0]] for c in chunks)
-    if same:
-        launches = [{"launch": i + 1, "kernel": chunks[0][i][0],
-                     "us": statistics.mean(c[i][2] - c[i][1] for c in chunks)} for i in range(per)]
-        span = statistics.mean(c[-1][2] - c[0][1] for c in chunks)
-    else:
-        by_name = {}
-        for name, start, end in events:
-            count, total = by_name.get(name, (0, 0.0))
-            by_name[name] = (count + 1, total + end - start)
-        launches = [{"launch": None, "kernel": name, "count": count / max(calls, 1), "us": total / max(calls, 1)}
-                    for name, (count, total) in sorted(by_name.items(), key=lambda kv: -kv[1][1])]
-        span = None
-    return {"launches": launches, "kernel_us": sum(r["us"] for r in launches), "span_us": span,
-            "per_call": per if same else None}
 
 
 def try_cuda(measure: Callable[[], object]) -> Tuple[Optional[object], Optional[str]]:

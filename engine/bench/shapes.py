@@ -1,9 +1,11 @@
-"""The head shapes `hcd bench` and bench/ measure on a GPU: B and C per dataset as the benchmark issue sets
-them (CIFAR-100: B=128, C=100; ImageNet: B=256, C=1000), D_p and D_t from the shipped run configs
-(configs/<dataset>/*.yaml), so the benchmarks follow the model pairs users train.
+"""The head and student shapes the benchmarks measure.
 
+On a GPU: B and C per dataset (CIFAR-100: B=128, C=100; ImageNet: B=256, C=1000), D_p and D_t from the
+shipped run configs (configs/<dataset>/*.yaml), so the benchmarks follow the model pairs users train.
 D_s and D_t come from the configs' timm models built on the meta device (nothing allocated, loaded or
 downloaded); the fused head's input widths follow the distiller's rule (hcd.engine.distiller.head_input_widths).
+On CPU: small fixed shapes, and a tiny one for the Triton interpreter (slow: only its numerics mean anything).
+Heads run as in training: the teacher feature x_teacher is frozen, so the head computes no dX for it.
 """
 import functools
 from dataclasses import dataclass
@@ -12,10 +14,15 @@ from typing import List, Sequence, Tuple
 
 from hcd.kernels.testing import Case
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"  # engine/bench/ -> the repository root
 DATASET_BATCH = {"cifar100": 128, "imagenet": 256}  # configs/<dataset>/ -> the benchmark batch B
-HEADLINE_CONFIG = "imagenet/swin_tiny-resnet18.yaml"  # the issue's headline: B=256, C=1000, n=4
+HEADLINE_CONFIG = "imagenet/swin_tiny-resnet18.yaml"  # the headline shape: B=256, C=1000, n=4
 QUICK_PAIR = "swin_tiny-resnet18.yaml"                # --quick: this pair's widths only, per dataset
+
+CPU_SHAPES = [Case(64, 100, 4, 256, 192, frozen_teacher_feature=True),
+              Case(128, 100, 4, 768, 768, frozen_teacher_feature=True)]
+INTERPRETER_SHAPE = Case(16, 10, 2, 32, 24)
+STUDENT_SHAPES = [Case(128, 100, 1, 1, 1), Case(256, 1000, 1, 1, 1)]  # the student loss reads B and C only
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ def configs_for(shape: Case) -> List[str]:
 
 
 def headline_shape() -> Case:
-    """B=256, C=1000, n=4 with the widths of HEADLINE_CONFIG (the benchmark issue's target shape)."""
+    """B=256, C=1000, n=4 with the widths of HEADLINE_CONFIG: the shape the profile and tile sweep use."""
     w = next(w for w in config_widths() if w.config == HEADLINE_CONFIG)
     return _shape(w, 4)
+
+
+def shape_dict(case: Case) -> dict:
+    """A shape as the results JSON writes it."""
+    return {"B": case.B, "C": case.C, "n": case.n, "Dp": case.Dp, "Dt": case.Dt}

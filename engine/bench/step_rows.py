@@ -9,6 +9,7 @@ from typing import Callable, List
 
 import torch
 
+from hcd.engine.bench.timing import time_ms
 from hcd.engine.distiller import HCDDistiller
 from hcd.engine.models import build_student, build_teacher, norm_stats
 from hcd.kernels import HCDLossConfig, student_loss
@@ -64,7 +65,6 @@ def build_step(setup: StepSetup, device, backend: str, kind: str = "hcd") -> Cal
 
 
 def step_rows(device, quick=False) -> List[dict]:
-    from hcd.engine.timing import time_ms
     setup = GPU_SETUP if device.type == "cuda" else CPU_SETUP
     fused = "auto"  # the engine's own choice: triton on CUDA, eager on CPU
     times = {}

@@ -1,0 +1,121 @@
+"""The tables `hcd bench` prints, from the rows of a results JSON (a finished run's, or `--report FILE`'s)."""
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def format_table(rows: List[dict]) -> str:
+    """The kernel table: launch-inclusive times and ratios; on CUDA also the fused call's host time and the
+    device times from CUDA-graph replay, on which TFLOP/s, GB/s and the roofline fraction are computed."""
+    gpu = any("device_ms" in r for r in rows)
+    head = (f"{'kernel':7} {'B':>4} {'C':>5} {'n':>2} {'Dp':>4} {'Dt':>4} {'dtype':5} {'mode':8} {'eager':>8} {'compile':>8} "
+            f"{'fused':>9} {'eag/fus':>7} {'cmp/fus':>7}")
+    if gpu:
+        head += (f" {'host':>6} | {'g.eager':>7} {'g.comp':>7} {'g.fused':>7} {'eag/fus':>7} {'cmp/fus':>7}"
+                 f" {'TFLOP/s':>7} {'GB/s':>6} {'roof':>5}")
+    head += f" {'mem MB':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        s = r["shape"]
+        interp = r.get("interpreter")
+        fused = _fmt(r["fused_ms"]) + ("i" if interp else "")
+        ratios = (None, None) if interp else (_ratio(r["eager_ms"], r["fused_ms"]), _ratio(r["compile_ms"], r["fused_ms"]))
+        dims = (s["Dp"], s["Dt"]) if r["kernel"] == "head" else ("", "")
+        line = (f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {dims[0]:>4} {dims[1]:>4} {r['dtype']:5} {r['mode']:8} "
+                f"{_fmt(r['eager_ms']):>8} {_fmt(r['compile_ms']):>8} {fused:>9} {_fmt(ratios[0], '.2f'):>7} "
+                f"{_fmt(ratios[1], '.2f'):>7}")
+        if gpu:
+            d = r.get("device_ms") or {}
+            line += (f" {_fmt((r.get('host_ms') or {}).get('triton')):>6} | {_fmt(d.get('eager')):>7} "
+                     f"{_fmt(d.get('compile')):>7} {_fmt(d.get('triton')):>7} "
+                     f"{_fmt(_ratio(d.get('eager'), d.get('triton')), '.2f'):>7} "
+                     f"{_fmt(_ratio(d.get('compile'), d.get('triton')), '.2f'):>7} "
+                     f"{_fmt(r.get('device_tflops'), '.1f'):>7} {_fmt(r.get('device_gbps'), '.0f'):>6} "
+                     f"{_fmt(r.get('roofline_fraction_device'), '.0%'):>5}")
+        mem = (r.get("peak_mem_mb") or {}).get("triton")
+        lines.append(line + f" {_fmt(mem, '.0f'):>6}")
+    lines.append("times in ms (medians); 'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
+    if gpu:
+        lines.append("left of '|': launch-inclusive (CUDA events, L2 flushed, host time included); host = Python time to "
+                     "issue the fused call; right of '|': device time per call from CUDA-graph replay (warm L2), the "
+                     "base of TFLOP/s, GB/s and roof (the launch-inclusive roofline fraction is in the JSON)")
+        failed = sorted({f"{b}: {e}" for r in rows for b, e in (r.get("device_errors") or {}).items()})
+        lines += [f"graph capture failed, {e}" for e in failed]
+    return "\n".join(lines)
+
+
+def _launch_label(x: dict) -> str:
+    if "plan" in x:
+        return f"{x['plan']} {x['us']:.1f} ({x['tflops']:.1f} TFLOP/s, {x['gbps']:.0f} GB/s)"
+    return f"{x['kernel']} {x['us']:.1f}"
+
+
+def format_profile(rows: List[dict]) -> str:
+    """Per backend: launches per call, summed kernel time, span of one call on the GPU and host time;
+    then the fused path's launches in order."""
+    if not rows:
+        return ""
+    s = rows[0]["shape"]  # one shape: the headline
+    lines = [f"profile: head B={s['B']} C={s['C']} n={s['n']} Dp={s['Dp']} Dt={s['Dt']} full, "
+             f"device time per call (torch.profiler); span = first kernel start to last kernel end",
+             f"{'dtype':5} {'backend':8} {'launches':>8} {'kernel us':>9} {'span us':>8} {'host us':>8}"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['dtype']:5} {r['backend']:8} profile failed: {r['error']}")
+            continue
+        n = r["per_call"] if r.get("per_call") else sum(x.get("count", 1) for x in r["launches"])
+        lines.append(f"{r['dtype']:5} {r['backend']:8} {_fmt(n, '.0f'):>8} {r['kernel_us']:>9.1f} "
+                     f"{_fmt(r.get('span_us'), '.1f'):>8} {r['host_ms'] * 1e3:>8.1f}")
+    for r in rows:
+        if r["backend"] == "triton" and not r.get("error"):
+            lines.append(f"{r['dtype']} fused launches (us): " + ", ".join(_launch_label(x) for x in r["launches"]))
+    return "\n".join(lines)
+
+
+def format_step_table(rows: List[dict]) -> str:
+    lines = [f"{'step':28} {'ms':>9} {'vs eager':>8} {'vs KD':>6}"]
+    for r in rows:
+        lines.append(f"{r['name']:28} {r['ms']:>9.2f} {_fmt(r.get('vs_eager'), '.2f'):>8} "
+                     f"{_fmt(r.get('vs_kd'), '.2f'):>6}")
+    return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    """Every table of one results JSON."""
+    parts = [format_table(result["kernel"])] if result.get("kernel") else []
+    if result.get("profile"):
+        parts.append(format_profile(result["profile"]))
+    if result.get("step"):
+        parts.append(format_step_table(result["step"]))
+    if result.get("loader"):
+        parts.append("\n".join(f"loader {r['loader']:6} {r['split']:5} {r['images_per_s']:7.0f} img/s "
+                               f"({r['workers']} workers)" for r in result["loader"]))
+    if result.get("complete") is False:
+        parts.append("(incomplete: the run stopped before its last section)")
+    return "\n".join(parts)
+
+
+def run_report(path: str) -> int:
+    """`hcd bench --report FILE`: print the tables of a results JSON."""
+    p = Path(path)
+    try:
+        result = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"hcd bench: error: --report {path}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(result, dict) or not isinstance(result.get("kernel"), list):
+        print(f"hcd bench: error: --report {path}: not an hcd bench results file (no \"kernel\" list)",
+              file=sys.stderr)
+        return 2
+    print(f"{result.get('device')}  commit {result.get('commit')}  {result.get('date')}")
+    print(report(result))
+    return 0

@@ -1,0 +1,86 @@
+"""`hcd bench`: fused vs eager vs torch.compile for the loss kernels and whole training steps.
+
+Prints a table of ratios, achieved TFLOP/s and GB/s against the card's roofline and peak memory, and writes
+bench/results/<device>-<date>.json. On CPU the shapes are small and the Triton path (which would run in the
+interpreter) is timed at a tiny shape only, marked "interpreter" and left out of every ratio.
+Timing (timing.py): launch-inclusive medians (CUDA events on CUDA, a timed loop on CPU) for every backend;
+on CUDA also the host's issue time of the fused call, device time from CUDA-graph replay (the roofline's
+base) and, for the headline shape, a per-launch profile of every backend (profile.py).
+"""
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from hcd.engine.bench.kernel_rows import bench_kernel_row
+from hcd.engine.bench.plan import DTYPES, kernel_plan
+from hcd.engine.bench.profile import profile_rows
+from hcd.engine.bench.report import report
+from hcd.engine.errors import output_path_problem
+from hcd.engine.runinfo import commit, device_name, resolve_device, versions, write_json
+
+
+def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
+              steps: bool = True, loader: bool = True, dtypes: Optional[List[str]] = None,
+              ns: Optional[List[int]] = None) -> int:
+    """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
+    every row ("complete": false), so a run cut short by a time limit keeps what it measured (`hcd bench
+    --report FILE` prints it) and never replaces a finished file."""
+    name = resolve_device(device, "bench")
+    if name is None:
+        return 2
+    dev = torch.device(name)
+    problem = _argument_problem(dev, out_dir, dtypes, ns)
+    if problem:
+        print(f"hcd bench: error: {problem}", file=sys.stderr)
+        return 2
+    plan = kernel_plan(dev, quick, dtypes, ns)
+    result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
+              "versions": versions(), "complete": False, "kernel": [], "profile": [], "step": [], "loader": []}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns)) if v)
+    path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}{part}.json"
+    partial = path.with_name(path.stem + ".partial.json")  # until complete: never replaces a finished file
+    _kernel_rows(plan, result, partial, dev, quick)
+    subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
+    result["profile"] = [] if subset else profile_rows(dev)
+    write_json(partial, result)
+    if steps and not subset:
+        from hcd.engine.bench.step_rows import step_rows  # timm and the distiller: only when steps run
+        result["step"] = step_rows(dev, quick=quick)
+        write_json(partial, result)
+    if loader and dev.type == "cpu":
+        from hcd.engine.bench.loader_rows import loader_rows  # PIL, the data pipelines: only when loaders run
+        result["loader"] = loader_rows(quick=quick)
+    result["complete"] = True
+    write_json(path, result)
+    partial.unlink(missing_ok=True)
+    print(report(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def _argument_problem(dev, out_dir, dtypes, ns) -> Optional[str]:
+    if (dtypes or ns) and dev.type != "cuda":
+        return "--dtype/--n select parts of the CUDA plan; the CPU plan is small enough to run whole"
+    bad = [d for d in dtypes or () if d not in DTYPES] + [str(n) for n in ns or () if n < 1]
+    if bad:
+        return f"--dtype/--n: {', '.join(bad)} not among {', '.join(DTYPES)} / positive n"
+    problem = output_path_problem(out_dir, directory=True)
+    return f"--out: {problem}" if problem else None
+
+
+def _kernel_rows(plan: list, result: dict, partial: Path, dev, quick) -> None:
+    """Every row of the plan into result["kernel"], the partial file rewritten after each."""
+    from tqdm import tqdm
+    group = None
+    for kind, shape, dt, mode, backends in tqdm(plan, desc="kernels", leave=False):
+        # torch.compile's graphs are shared by the modes of one (kernel, shape, dtype); dynamo's cache is
+        # cleared between groups (past its recompile limit it would silently run eagerly)
+        fresh = group != (kind, shape, dt)
+        group = (kind, shape, dt)
+        result["kernel"].append(bench_kernel_row(kind, shape, dt, mode, dev, quick, backends, fresh_compile=fresh))
+        write_json(partial, result)

@@ -1,0 +1,51 @@
+"""The tables of a results JSON: which numbers go where, and what is left out of the ratios."""
+from hcd.engine.bench.report import format_profile, format_table
+
+
+def test_table_leaves_interpreter_rows_out_of_ratios():
+    row = {"kernel": "head", "shape": {"B": 2, "C": 3, "n": 2, "Dp": 4, "Dt": 4}, "dtype": "fp32",
+           "mode": "full", "eager_ms": 1.0, "compile_ms": 2.0, "fused_ms": 100.0, "interpreter": True}
+    line = format_table([row]).splitlines()[2]
+    assert "100.000i" in line and "0.01" not in line
+
+
+def _gpu_row(**extra):
+    row = {"kernel": "head", "shape": {"B": 256, "C": 1000, "n": 4, "Dp": 768, "Dt": 768}, "dtype": "bf16",
+           "mode": "full", "eager_ms": 3.0, "compile_ms": 1.2, "fused_ms": 1.5, "interpreter": False,
+           "host_ms": {"triton": 0.4}, "device_ms": {"eager": 0.9, "compile": 0.3, "triton": 0.15},
+           "device_errors": {}, "device_tflops": 62.5, "device_gbps": 300.0, "roofline_fraction_device": 0.12}
+    row.update(extra)
+    return row
+
+
+def test_gpu_table_shows_both_time_bases():
+    lines = format_table([_gpu_row()]).splitlines()
+    assert "g.fused" in lines[0] and "host" in lines[0]
+    cells = lines[2].split()
+    assert cells[cells.index("|") + 1:cells.index("|") + 6] == ["0.900", "0.300", "0.150", "6.00", "2.00"]
+    assert cells[cells.index("|") - 1] == "0.400" and "12%" in cells  # host time, device roofline
+    assert ["2.00", "0.80"] == cells[11:13]  # launch-inclusive ratios: 3.0/1.5, 1.2/1.5 (after B C n Dp Dt)
+
+
+def test_gpu_table_reports_a_failed_capture():
+    row = _gpu_row(device_ms={"eager": 0.9, "compile": None, "triton": 0.15},
+                   device_errors={"compile": "RuntimeError: operation not permitted when stream is capturing"})
+    text = format_table([row])
+    assert "graph capture failed, compile: RuntimeError: operation not permitted" in text
+    assert text.splitlines()[2].split()[-5] == "-"  # cmp/fus on device time: no ratio without a number
+
+
+def test_profile_table_lists_the_fused_launches():
+    fused = {"dtype": "bf16", "backend": "triton", "host_ms": 0.25, "error": None, "per_call": 2,
+             "kernel_us": 30.0, "span_us": 80.0,
+             "launches": [{"launch": 1, "kernel": "_gemm_kernel", "us": 20.0},
+                          {"launch": 2, "kernel": "_head_row_kernel", "us": 10.0}]}
+    eager = {"dtype": "bf16", "backend": "eager", "host_ms": 1.0, "error": None, "per_call": None,
+             "kernel_us": 90.0, "span_us": None, "launches": [{"launch": None, "kernel": "k", "count": 40, "us": 90.0}]}
+    for r in (eager, fused):
+        r["shape"] = {"B": 256, "C": 1000, "n": 4, "Dp": 512, "Dt": 192}
+    text = format_profile([eager, fused])
+    assert text.startswith("profile: head B=256 C=1000 n=4 Dp=512 Dt=192 full")
+    assert "bf16  eager          40      90.0        -   1000.0" in text
+    assert "bf16  triton          2      30.0     80.0    250.0" in text
+    assert "bf16 fused launches (us): _gemm_kernel 20.0, _head_row_kernel 10.0" in text

@@ -1,0 +1,50 @@
+"""`hcd bench` on CPU: it runs what fits, marks the interpreter, and writes the documented JSON schema.
+(Correctness of the report only: the timings themselves are never asserted.)"""
+import json
+
+from hcd.engine.bench import run_bench
+from hcd.engine.bench.report import format_table
+
+
+def test_bench_quick_writes_the_schema(tmp_path, capsys):
+    assert run_bench(device="cpu", out_dir=str(tmp_path), quick=True) == 0
+    files = list(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    res = json.loads(files[0].read_text())
+    assert {"device", "commit", "versions", "kernel", "step", "loader"} <= set(res)
+    assert res["versions"]["torch"]
+    for row in res["kernel"]:
+        assert set(row["shape"]) == {"B", "C", "n", "Dp", "Dt"}
+        assert row["dtype"] in ("fp32", "bf16", "fp16") and row["mode"] in ("forward", "backward", "full")
+        assert row["eager_ms"] > 0
+        assert {"compile_ms", "fused_ms", "fused_tflops", "fused_gbps", "peak_mem_mb"} <= set(row)
+        if row["fused_ms"] is not None:  # on CPU only ever the interpreter: no speed claimed from it
+            assert row["interpreter"] and row["fused_tflops"] is None and row["fused_gbps"] is None
+    assert any(r["interpreter"] for r in res["kernel"])  # tests run with TRITON_INTERPRET=1
+    kinds = {r["kind"] for r in res["step"]}
+    assert kinds == {"hcd engine", "hcd eager", "kd engine"}
+    assert all(r["ms"] > 0 for r in res["step"])
+    assert {(r["loader"], r["split"]) for r in res["loader"]} >= {("torch", "train"), ("torch", "val")}
+    assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in res["loader"])
+    assert res["complete"] is True
+    out = capsys.readouterr().out
+    assert "eag/fus" in out and "vs KD" in out and str(files[0]) in out
+    # --report prints the same tables from the file; a run cut short says so
+    from hcd.engine.cli import main
+    assert main(["bench", "--report", str(files[0])]) == 0
+    again = capsys.readouterr().out
+    assert format_table(res["kernel"]) in again and "vs KD" in again and "incomplete" not in again
+    res["complete"], res["step"] = False, []
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(res))
+    assert main(["bench", "--report", str(cut)]) == 0
+    assert "(incomplete: the run stopped before its last section)" in capsys.readouterr().out
+    assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
+    assert "--report" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert main(["bench", "--report", str(tmp_path / "other.json")]) == 2
+    assert "not an hcd bench results file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial.json"))  # the finished run replaced its partial file
+    # parts of the plan are a CUDA notion: refused on CPU rather than silently ignored
+    assert main(["bench", "--device", "cpu", "--n", "2", "--out", str(tmp_path)]) == 2
+    assert "--dtype/--n" in capsys.readouterr().err
