@@ -18,7 +18,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MARKER = ".hcd_demo"  # a run folder holding this was written by the demo and may be replaced by it
 
 HONEST = ("Note: digits is too easy to show distillation gains. A ResNet18 trained with plain cross-entropy "
-          "reaches 98.9-99.2 % on it (HCD_SPEC.md), at least as good as KD or HCD, and the gap to the teacher "
+          "reaches 98.9-99.2 % on it (docs/method.md, Stability), at least as good as KD or HCD, and the gap to the teacher "
           "here comes from the short schedule and photo-style augmentation, not from the method. This demo "
           "proves the pipeline runs end to end, not the paper's accuracy claims.")
 

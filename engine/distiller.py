@@ -15,7 +15,7 @@ from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
 def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
     """dwconv3x3(s2) -> conv1x1 -> BN -> ReLU -> dwconv3x3(s1) -> conv1x1 -> BN -> ReLU (OFA-KD's block).
 
-    As in OFA-KD (the projector HCD_SPEC.md names), the block keeps c_in channels up to its last conv1x1,
+    As in OFA-KD (the projector of docs/method.md, Modules), the block keeps c_in channels up to its last conv1x1,
     which alone maps c_in -> c_out: changing the width at the first conv1x1 instead would run the second
     half at c_out and make the stage-1 projector about 3x larger (ResNet18 into D_p = 768)."""
     return nn.Sequential(
@@ -33,7 +33,7 @@ def projector_channels(stage: int, c_in: int, d_p: int) -> list:
 
 
 def projector_width(d_s: int, d_t: int) -> int:
-    """D_p = max(D_s, D_t): every projector's output width (HCD_SPEC.md notation)."""
+    """D_p = max(D_s, D_t): every projector's output width (docs/method.md, Notation)."""
     return max(d_s, d_t)
 
 
@@ -44,7 +44,7 @@ def head_input_widths(d_s: int, d_t: int, cfm_hidden: Optional[int] = None) -> T
 
 
 class Projector(nn.Module):
-    """P_i: stage feature map (B, C_i, H, W) -> h_i (B, D_p) (HCD_SPEC.md module 1)."""
+    """P_i: stage feature map (B, C_i, H, W) -> h_i (B, D_p) (docs/method.md, Modules: Projector)."""
 
     def __init__(self, stage: int, c_in: int, d_p: int):
         super().__init__()
@@ -86,7 +86,7 @@ class CFM(nn.Module):
 @dataclass
 class DistillOutput:
     logits: torch.Tensor           # student logits (B, C)
-    loss: torch.Tensor             # the HCD_SPEC.md total
+    loss: torch.Tensor             # the total of docs/method.md, Losses
     parts: Dict[str, torch.Tensor]  # detached, unweighted: ce, kd, sce, skl, ol (+ per stage sce1, skl1, ...)
 
 

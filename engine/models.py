@@ -14,9 +14,9 @@ TEACHER_FAMILIES = {
     "vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer", "convnext",
     "resnet", "efficientnet", "regnet", "beit", "eva", "vision_transformer_hybrid", "levit", "cait",
 }
-# CNN students: NCHW stage features at reductions 4, 8, 16, 32 (HCD_SPEC.md stages 1..4).
+# CNN students: NCHW stage features at reductions 4, 8, 16, 32 (stages 1..4 of docs/method.md).
 STUDENT_FAMILIES = {"resnet", "efficientnet", "mobilenetv3", "regnet", "convnext", "resnest", "ghostnet"}
-# Token-sequence students need their own projectors (HCD_SPEC.md "Later").
+# Token-sequence students need their own projectors (docs/method.md, Later).
 TOKEN_FAMILIES = {"vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer",
                   "beit", "eva", "cait", "levit", "vision_transformer_hybrid"}
 STAGE_REDUCTIONS = {1: 4, 2: 8, 3: 16, 4: 32}
@@ -200,6 +200,6 @@ def build_student(name: str, num_classes: int, stages: Sequence[int], checkpoint
     family = model_family(name, "model.student")
     if family in TOKEN_FAMILIES:
         raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student; "
-                         "HCD projectors for those are not built yet (HCD_SPEC.md 'Later')")
+                         "HCD projectors for those are not built yet (docs/method.md, 'Later')")
     model = _build_timm("student", name, STUDENT_FAMILIES, num_classes, checkpoint, pretrained, kwargs)
     return StudentModel(model, stages)

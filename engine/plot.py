@@ -4,7 +4,7 @@ from pathlib import Path
 from hcd.engine.errors import DataError
 from hcd.engine.metrics import read_metrics
 
-# Drawn when present: the total and the unweighted parts of HCD_SPEC.md (a KL term taking over shows here).
+# Drawn when present: the total and the unweighted parts of docs/method.md, Losses (a KL term taking over shows here).
 LOSS_KEYS = ("loss", "ce", "kd", "sce", "skl", "ol")
 
 

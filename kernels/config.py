@@ -1,4 +1,4 @@
-"""HCDLossConfig: every weight and switch of the HCD losses (names and defaults fixed by HCD_SPEC.md)."""
+"""HCDLossConfig: every weight and switch of the HCD losses (names and defaults: docs/method.md, Defaults)."""
 from dataclasses import dataclass
 
 

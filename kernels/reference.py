@@ -1,4 +1,4 @@
-"""Eager PyTorch reference of the HCD losses: the numerics ground truth (HCD_SPEC.md, term by term).
+"""Eager PyTorch reference of the HCD losses: the numerics ground truth (docs/method.md, Losses, term by term).
 
 Readable over fast. All arithmetic is float32 for 16-bit inputs (float64 stays float64); the scalar
 losses come back in that compute dtype and autograd returns gradients in each input's own dtype.
@@ -40,7 +40,7 @@ def orthogonality_rows(fused, target, threshold):
     """Per-sample mean over the n(n-1) off-diagonal pairs of relu(cos(u_p, u_q) - theta)^2.
 
     fused (B, n, C); the ground-truth class entry of every sub-logit is zeroed before L2 normalisation
-    (HCD_SPEC.md [choice: zero-mask]). n = 1 has no pair: the loss is 0.
+    (docs/method.md, Choices: zero mask). n = 1 has no pair: the loss is 0.
     """
     B, n, C = fused.shape
     if n == 1:

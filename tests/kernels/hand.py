@@ -1,4 +1,4 @@
-"""HCD_SPEC.md's loss terms written out in plain Python float64 (lists and math, no torch ops): the check
+"""The loss terms of docs/method.md written out in plain Python float64 (lists and math, no torch ops): the check
 of the reference that does not share its code, and of any backend on float64 inputs."""
 import math
 

@@ -1,5 +1,5 @@
 """The eager reference against independent hand computations (plain Python math on a tiny case),
-float64 gradchecks, the hostile cases of HCD_SPEC.md, and input validation."""
+float64 gradchecks, the hostile cases of docs/method.md (Numerics), and input validation."""
 import pytest
 import torch
 
@@ -146,7 +146,7 @@ def test_large_offsets_are_shift_invariant(offset):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_confident_rows_keep_the_target_gradient(dtype):
-    # p_y -> 1: CE -> 0 and p_y - 1 cancels (HCD_SPEC.md's numerics rules); fp32 math, one rounding on store
+    # p_y -> 1: CE -> 0 and p_y - 1 cancels (docs/method.md, Numerics); fp32 math, one rounding on store
     errors = confident_row_errors("eager", dtype)
     assert max(errors.values()) <= CONFIDENT_RTOL[dtype], errors
 
