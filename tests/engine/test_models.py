@@ -117,7 +117,7 @@ def test_distiller_forward_backward(student, stages, hidden):
     out = model(x, y, f_t, z_t)
     out.loss.backward()
     assert out.logits.shape == (4, 7)
-    # the module's total is HCD_SPEC.md's total recomputed from its unweighted parts
+    # the module's total is docs/method.md's total (Losses) recomputed from its unweighted parts
     p = out.parts
     spec = (cfg.ce_weight * (p["ce"] + p["sce"]) + cfg.kd_weight * p["kd"] + cfg.sublogit_kl_weight * p["skl"]
             + cfg.ol_weight * p["ol"])
