@@ -1,6 +1,7 @@
 """`hcd` command line: thin argument parsing over the engine's entry points.
 
-Exit codes: 0 success, 2 bad input (config, data, arguments) with a one-line message, 1 anything else.
+Exit codes: 0 success, 2 bad input (config, data, arguments) with a one-line message, 3 `hcd train` stopped
+by Ctrl-C / SIGTERM with a checkpoint (continue with --resume), 1 anything else.
 Heavy imports (torch, timm, deepspeed, dali) happen inside the subcommands so `hcd --help` is instant and
 `hcd verify` / `hcd bench` run on machines without DeepSpeed or DALI.
 """
@@ -8,16 +9,28 @@ import argparse
 import sys
 
 
+def _config(args):
+    """The run config, its files and folders checked: a missing one is reported before torch is imported
+    (the config file) or before any model is built (the paths it names)."""
+    from pathlib import Path
+
+    from hcd.engine.config_tree import ConfigError
+    if not Path(args.config).expanduser().is_file():
+        raise ConfigError(f"{args.config}: config file not found")
+    from hcd.engine.config import check_paths, load_config
+    cfg = load_config(str(Path(args.config).expanduser()), tuple(args.set or ()))
+    check_paths(cfg)
+    return cfg
+
+
 def _train(args):
-    from hcd.engine.config import load_config
-    cfg = load_config(args.config, tuple(args.set or ()))
+    cfg = _config(args)
     from hcd.engine.trainer import train
     return train(cfg, out=args.out, resume=args.resume)
 
 
 def _eval(args):
-    from hcd.engine.config import load_config
-    cfg = load_config(args.config, tuple(args.set or ()))
+    cfg = _config(args)
     from hcd.engine.evaluate import evaluate_checkpoint
     return evaluate_checkpoint(cfg, args.checkpoint)
 
@@ -96,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the table as a JSON record (device, versions, commit, every output)")
     v.set_defaults(func=_verify)
 
-    b = sub.add_parser("bench", help="benchmark fused vs eager vs torch.compile; writes bench/results/*.json")
+    b = sub.add_parser("bench", help="benchmark fused vs eager vs torch.compile; writes runs/bench/*.json")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    b.add_argument("--out", default="bench/results", help="folder for the results JSON")
+    b.add_argument("--out", default="runs/bench", help="folder for the results JSON (default: runs/bench)")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     b.add_argument("--dtype", type=_str_list, default=None, metavar="LIST",
                    help="kernel rows of these dtypes only, e.g. fp16 or bf16,fp32 (CUDA plan; with --dtype or "

@@ -89,7 +89,7 @@ def _train_teacher(cfg, run: Path) -> Path:
         bar.set_postfix(loss=f"{loss.item():.3f}")  # one host sync per epoch
     bar.close()
     model.eval()
-    top1, top5, count = evaluate(model, val_loader, torch.device("cpu"))
+    top1, top5, count = evaluate(model, val_loader, torch.device("cpu"), desc="teacher eval")
     print(f"teacher trained from scratch ({epochs} epochs): val top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
           f"({count} images)", flush=True)
     path = run / "teacher.safetensors"
@@ -109,6 +109,7 @@ def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
     if run.exists() and any(run.iterdir()):
         if not (run / MARKER).exists():
             raise ConfigError(f"--out: {run} exists and was not written by `hcd demo`; choose another folder")
+        print(f"replacing the previous demo run in {run} (a run folder written by `hcd demo`)", flush=True)
         shutil.rmtree(run)  # a previous demo: start afresh
     run.mkdir(parents=True, exist_ok=True)
     (run / MARKER).write_text("written by hcd demo\n")

@@ -3,8 +3,7 @@
 The frozen teacher is not part of this module (it is run beside it, so DeepSpeed never wraps, partitions or
 converts it): the trainer passes the teacher's (f_t, z_t) into forward.
 """
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -83,8 +82,8 @@ class CFM(nn.Module):
         return z, z[:, :0]  # the hidden layer mixes both: everything is "x_student", x_teacher is empty
 
 
-@dataclass
-class DistillOutput:
+class DistillOutput(NamedTuple):
+    """A named tuple, so DeepSpeed ZeRO-3's module hooks see the tensors inside."""
     logits: torch.Tensor           # student logits (B, C)
     loss: torch.Tensor             # the total of docs/method.md, Losses
     parts: Dict[str, torch.Tensor]  # detached, unweighted: ce, kd, sce, skl, ol (+ per stage sce1, skl1, ...)

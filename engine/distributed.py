@@ -6,9 +6,13 @@ torchrun or the `deepspeed` launcher (which set RANK/LOCAL_RANK/WORLD_SIZE/MASTE
 DS_ACCELERATOR=cpu and gloo are used. DeepSpeed is imported only here and only when a run starts, so bad
 input is reported before its import cost and `hcd verify` / `hcd bench` run on machines without it.
 """
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,20 +82,34 @@ def import_deepspeed():
     """Import DeepSpeed on the right accelerator: without CUDA it must be told 'cpu' before import."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import logging
     # torch warns at DeepSpeed's import that CUDA_HOME has no runtime: noise on a CPU machine
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+    if not any(isinstance(f, _NotForUsers) for f in deepspeed.utils.logger.filters):
+        deepspeed.utils.logger.addFilter(_NotForUsers())
+    # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch has deprecated, once per step
+    warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use", category=FutureWarning,
+                            module=r"torch\.distributed\.c10d_logger")
     return deepspeed
+
+
+class _NotForUsers(logging.Filter):
+    """DeepSpeed warnings about choices this engine makes on purpose: nothing a user can act on."""
+    QUIET = ("You are using ZeRO with an untested optimizer",)  # our torch SGD / AdamW, allowed in the config
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(q in record.getMessage() for q in self.QUIET)
 
 
 def init_process_group(d: Dist) -> None:
     """Through DeepSpeed (nccl on CUDA, gloo on CPU), unless a group already exists (reused)."""
     deepspeed = import_deepspeed()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        # DeepSpeed prints "... shm_comm_op built successfully" on stdout from every process: not the user's
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo",
+                                       auto_mpi_discovery=False, verbose=False)
         d.owns_group = True
 
 

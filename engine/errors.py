@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Optional
 
-from hcd.engine.config import ConfigError
+from hcd.engine.config_tree import ConfigError
 
 
 class DataError(ValueError):
@@ -14,6 +14,10 @@ class ModelError(ValueError):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
+
+# Exit codes of every command: 0 success, 1 failure, 2 bad input (one line naming it), and for `hcd train`
+# 3 = stopped cleanly by Ctrl-C / SIGTERM with a checkpoint (a job script requeues it with --resume).
+EXIT_STOPPED = 3
 
 
 def output_path_problem(path, directory: bool) -> Optional[str]:

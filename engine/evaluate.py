@@ -1,4 +1,6 @@
 """Accuracy on the val split: evaluate() (all ranks together) and `hcd eval` of a checkpoint or an export."""
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,9 +15,11 @@ from hcd.engine.metrics import accuracy, topk_correct
 
 
 @torch.no_grad()
-def evaluate(forward, loader, device) -> tuple:
+def evaluate(forward, loader, device, desc: str = "eval") -> tuple:
     """(top-1 %, top-5 %, samples) of forward(images) -> logits over the val split, all ranks together: each
-    rank sums its correct counts and sample count on device, one all_reduce adds them (every sample once)."""
+    rank sums its correct counts and sample count on device, one all_reduce adds them (every sample once).
+    Rank 0 shows a progress bar named `desc` (gone when done)."""
+    from tqdm import tqdm
     counts = torch.zeros(3, device=device)
     # Val shards may differ by one batch between ranks; under ZeRO-3 every forward gathers parameters
     # collectively, so a rank that runs out early repeats a forward (uncounted) to keep the others company.
@@ -24,7 +28,8 @@ def evaluate(forward, loader, device) -> tuple:
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
     rounds, seen, last = int(rounds.item()), 0, None
     loader.set_epoch(0)
-    for images, labels in loader:
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=quiet, file=sys.stderr, dynamic_ncols=True):
         logits = forward(images).float()
         counts[:2] += topk_correct(logits, labels, (1, 5))
         counts[2] += labels.numel()
@@ -98,7 +103,7 @@ def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int
         raise ConfigError(f"--checkpoint: DeepSpeed found no checkpoint at {ckpt_dir / tag}")
     engine.eval()
     s1, s5, n = evaluate(student_forward(engine), val_loader, d.device)
-    t1, t5, _ = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
+    t1, t5, _ = evaluate(lambda x: teacher(x)[1], val_loader, d.device, desc="teacher eval")
     rank0_print(d, f"student {cfg.model.student} ({ckpt_dir / tag}): val top-1 {s1:.2f}%  top-5 {s5:.2f}%  "
                    f"({n} images); teacher top-1 {t1:.2f}%  top-5 {t5:.2f}%")
     export_from_engine(cfg, engine, ckpt_dir / tag, d.rank, val_loader.classes)
@@ -111,6 +116,10 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     from hcd.engine.models import norm_stats
     if not weights.is_file() or not weights.with_suffix(".json").is_file():
         raise ModelError(f"--checkpoint: {weights} or its {weights.with_suffix('.json').name} is missing")
+    arch = json.loads(weights.with_suffix(".json").read_text()).get("architecture")
+    if arch != cfg.model.student:
+        rank0_print(d, f"note: {weights.name} holds a {arch} (its .json says how to build it); the config's "
+                       f"model.student ({cfg.model.student}) is not used")
     model = load_exported(weights).to(d.device).eval()
     mean, std = norm_stats(model)
     _, val_loader = build_run_loaders(cfg, mean, std, d)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hcd.engine.checkpoint import Checkpointer, NonFiniteState, read_layout, tag_for
 from hcd.engine.config import Config, ConfigError, dump_config
 from hcd.engine.distributed import Dist, build_engine, compute_dtype, distributed, rank0_print
+from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.evaluate import evaluate, student_forward
 from hcd.engine.layout import check_layout, check_run_folder, run_layout, with_legacy_shapes
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics
@@ -130,7 +131,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
         _resume(run, resume_tag, prior_rows)
     run.log = MetricsLog(folder, d.rank)
     with window.paused():
-        t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device)
+        t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device, desc="teacher eval")
     run.teacher_top1 = t1
     rank0_print(d, f"teacher {cfg.model.teacher}: val top-1 {t1:.2f}%  top-5 {t5:.2f}%  ({n_val} images)")
     run.log.write({"kind": "teacher", "step": run.state.step, "teacher_top1": t1, "teacher_top5": t5},
@@ -283,7 +284,7 @@ def _finish(run: Run, reason: Optional[str]) -> int:
     if reason is not None:
         rank0_print(d, f"stopped by {reason} at step {s.step}; checkpoint "
                        f"{run.saver.dir / tag_for(s.step)} (continue with --resume)")
-        return 0 if reason == "train.stop_at_step" else 1
+        return 0 if reason == "train.stop_at_step" else EXIT_STOPPED
     if run.cfg.train.export:
         from hcd.engine.export import export_from_engine
         export_from_engine(run.cfg, run.engine, run.folder, d.rank, run.train_loader.classes)

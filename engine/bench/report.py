@@ -43,7 +43,12 @@ def format_table(rows: List[dict]) -> str:
                      f"{_fmt(r.get('roofline_fraction_device'), '.0%'):>5}")
         mem = (r.get("peak_mem_mb") or {}).get("triton")
         lines.append(line + f" {_fmt(mem, '.0f'):>6}")
-    lines.append("times in ms (medians); 'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
+    lines.append("times in ms (medians)")
+    if any(r.get("interpreter") for r in rows):
+        lines.append("'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
+    elif not gpu:
+        lines.append("fused '-': the Triton kernels run on CUDA; on CPU only in the interpreter (TRITON_INTERPRET=1 "
+                     "set before the command), at one tiny shape and marked 'i'")
     if gpu:
         lines.append("left of '|': launch-inclusive (CUDA events, L2 flushed, host time included); host = Python time to "
                      "issue the fused call; right of '|': device time per call from CUDA-graph replay (warm L2), the "

@@ -1,13 +1,14 @@
 """`hcd bench`: fused vs eager vs torch.compile for the loss kernels and whole training steps.
 
 Prints a table of ratios, achieved TFLOP/s and GB/s against the card's roofline and peak memory, and writes
-bench/results/<device>-<date>.json. On CPU the shapes are small and the Triton path (which would run in the
+runs/bench/<device>-<date>.json (--out). On CPU the shapes are small and the Triton path (which would run in the
 interpreter) is timed at a tiny shape only, marked "interpreter" and left out of every ratio.
 Timing (timing.py): launch-inclusive medians (CUDA events on CUDA, a timed loop on CPU) for every backend;
 on CUDA also the host's issue time of the fused call, device time from CUDA-graph replay (the roofline's
 base) and, for the headline shape, a per-launch profile of every backend (profile.py).
 """
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +23,7 @@ from hcd.engine.errors import output_path_problem
 from hcd.engine.runinfo import commit, device_name, resolve_device, versions, write_json
 
 
-def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quick: bool = False,
+def run_bench(device: Optional[str] = None, out_dir: str = "runs/bench", quick: bool = False,
               steps: bool = True, loader: bool = True, dtypes: Optional[List[str]] = None,
               ns: Optional[List[int]] = None) -> int:
     """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
@@ -37,8 +38,10 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
         print(f"hcd bench: error: {problem}", file=sys.stderr)
         return 2
     plan = kernel_plan(dev, quick, dtypes, ns)
+    # the load average says whether the machine was busy with other work while it was measured
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "complete": False, "kernel": [], "profile": [], "step": [], "loader": []}
+              "versions": versions(), "load_average": {"start": os.getloadavg()}, "complete": False,
+              "kernel": [], "profile": [], "step": [], "loader": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns)) if v)
@@ -50,17 +53,24 @@ def run_bench(device: Optional[str] = None, out_dir: str = "bench/results", quic
     write_json(partial, result)
     if steps and not subset:
         from hcd.engine.bench.step_rows import step_rows  # timm and the distiller: only when steps run
+        _phase("training steps: building the models, then timing each step kind")
         result["step"] = step_rows(dev, quick=quick)
         write_json(partial, result)
     if loader and dev.type == "cpu":
         from hcd.engine.bench.loader_rows import loader_rows  # PIL, the data pipelines: only when loaders run
+        _phase("loaders: writing a JPEG folder, then one pass of each loader over it")
         result["loader"] = loader_rows(quick=quick)
+    result["load_average"]["end"] = os.getloadavg()
     result["complete"] = True
     write_json(path, result)
     partial.unlink(missing_ok=True)
     print(report(result))
     print(f"wrote {path}")
     return 0
+
+
+def _phase(text: str) -> None:
+    print(f"hcd bench: {text} ...", file=sys.stderr, flush=True)
 
 
 def _argument_problem(dev, out_dir, dtypes, ns) -> Optional[str]:

@@ -1,6 +1,7 @@
 """Telling corrupt files apart, and the `data.on_corrupt` policy (error | skip) applied to them."""
 import io
 import logging
+import re
 from typing import Optional
 
 from hcd.engine.errors import DataError
@@ -35,7 +36,7 @@ def short_reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:  # its str() repeats the path the caller names anyway
         return f"{type(e).__name__}: {e.strerror}"
     msg = str(e).splitlines()[0] if str(e) else ""
-    msg = msg.replace("<_io.BytesIO object", "<bytes").strip()
+    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", msg).strip()  # the address says nothing
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 

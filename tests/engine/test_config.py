@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hcd.engine.config import Config, ConfigError, dump_config, load_config
+from hcd.engine.config import Config, ConfigError, dump_config, load_config, with_absolute_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_yaml_and_overrides(tmp_path):
 def test_round_trip_through_dump(tmp_path):
     cfg = load_config(None, ("seed=7", "head.stages=[2,3]"))
     dump_config(cfg, tmp_path / "config.yaml")
-    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert load_config(str(tmp_path / "config.yaml")) == with_absolute_paths(cfg)  # the same, paths absolute
 
 
 @pytest.mark.parametrize("override,key", [

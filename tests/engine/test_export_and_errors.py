@@ -133,6 +133,11 @@ def test_the_readmes_timm_snippet_scores_what_hcd_eval_prints(tmp_path, capsys):
                       "img_size: 32, crop_pct: 0.8, loader: torch, num_workers: 0, batch_size: 2}\n")
     assert main(["eval", "--config", str(config), "--checkpoint", str(run / "student.safetensors")]) == 0
     printed = float(re.search(r"val top-1 ([0-9.]+)%", capsys.readouterr().out).group(1))
+    # an export is evaluated as what it is, and the config's other model.student is said to be unused
+    assert main(["eval", "--config", str(config), "--checkpoint", str(run / "student.safetensors"),
+                 "--set", "model.student=resnet34"]) == 0
+    out = capsys.readouterr().out
+    assert "model.student (resnet34) is not used" in out and f"val top-1 {printed:.2f}%" in out
 
     namespace = {}
     exec(_readme_snippet().replace("runs/x", str(run)), namespace)

@@ -83,6 +83,7 @@ def test_two_processes_zero0(tmp_path, write_config, torchrun, train_rows):
     rows = train_rows(tmp_path / "run")
     assert [x["step"] for x in rows] == [1, 2, 3, 4] and rows[0]["images_per_s"] > 0
     assert "teacher vit_tiny_patch16_224: val top-1" in r.stdout
+    assert "built successfully" not in r.stdout  # DeepSpeed's build note, once per process, is filtered
 
 
 def test_zero3_two_ranks_with_uneven_val_shards_does_not_hang(tmp_path, write_config, torchrun):
@@ -93,6 +94,9 @@ def test_zero3_two_ranks_with_uneven_val_shards_does_not_hang(tmp_path, write_co
                      "--set", "data.synthetic_val_size=9", "--set", "data.val_batch_size=4",
                      "--set", "train.max_steps=2", "--set", "train.export=false"], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
+    # DeepSpeed's notes about choices the engine makes on purpose are filtered: nothing a user could act on
+    assert "untested optimizer" not in r.stdout + r.stderr and "DistillOutput" not in r.stdout + r.stderr
+    assert "FutureWarning" not in r.stderr
     import json
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["kind"] == "eval"]
@@ -179,7 +183,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, 
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--out", str(run), "--set", "train.export=false", "--set", "train.log_every=2"]
-    assert main(args) == 1
+    assert main(args) == 3  # a clean stop with a checkpoint: its own exit code (README, Command line)
     assert "stopped by SIGTERM at step 3" in capsys.readouterr().out
     assert [r["step"] for r in train_rows(run)] == [2, 3]  # the stop logs step 3, between two log_every rows
     assert read_pointer(run / "checkpoints", "latest") == "step-00000003"

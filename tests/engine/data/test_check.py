@@ -37,6 +37,7 @@ def test_bad_files_named(dataset_copy, capsys):
         assert f"BAD {p}:" in out
     assert f"BAD {wasp}: class folder not among the train classes" in out
     assert out.count("BAD ") == len(planted) + 2
+    assert " 0x" not in out and "<bytes" not in out  # no object addresses in the reasons
     assert "train: 30 images in 4 classes" in out
 
 
