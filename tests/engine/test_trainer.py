@@ -442,3 +442,27 @@ def test_metrics_rows_count_training_time_only_and_resume_rewrites_them_exactly(
     assert [(r["step"], r.get("partial")) for r in train_rows(split)] == [(4, None), (5, True)]
     assert main([*args, "--out", str(split), "--resume"]) == 0
     assert train_rows(split) == full
+
+
+def test_a_runs_config_trains_again_from_another_directory(tmp_path, monkeypatch, capsys, write_config):
+    """README's Configs example: `hcd train --config RUN/config.yaml --out NEW --set ...` after a run whose
+    paths were relative to its working directory: the new run finds the same teacher checkpoint."""
+    from hcd.engine.config import load_config
+    from hcd.engine.export import save_safetensors
+    from hcd.engine.models import build_teacher
+    cfg = load_config(write_config(tmp_path))
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    teacher = build_teacher(cfg.model.teacher, cfg.model.num_classes, kwargs=cfg.model.teacher_kwargs)
+    save_safetensors({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, work / "teacher.safetensors")
+    monkeypatch.chdir(work)
+    common = ["--set", "train.max_steps=1", "--set", "train.export=false"]
+    assert main(["train", "--config", write_config(tmp_path), "--out", "runs/a", *common,
+                 "--set", "model.teacher_checkpoint=teacher.safetensors"]) == 0
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--config", str(work / "runs" / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
+                 *common, "--set", "loss.sublogit_kl_weight=6"]) == 0
+    out = capsys.readouterr().out
+    assert "randomly initialised" not in out and "teacher vit_tiny_patch16_224: val top-1" in out
+    assert load_config(str(tmp_path / "b" / "config.yaml")).model.teacher_checkpoint == str(work / "teacher.safetensors")
