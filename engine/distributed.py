@@ -73,6 +73,14 @@ def distributed():
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
+def control_group(d: Dist):
+    """The group for host-side flags (stop requests): gloo, so a flag agreed there never waits for the GPU's
+    queued work; None for one process."""
+    if d.world == 1:
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def rank0_print(d: Dist, *args) -> None:
     if d.rank == 0:
         print(*args, flush=True)
@@ -181,9 +189,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     o = cfg.optim
+    # fused: its step takes a device-side found_inf and is then skipped on the device (engine/health.py)
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               fused=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=True)
 
 
 def build_engine(cfg: Config, distiller, d: Dist, lr_lambda=None):

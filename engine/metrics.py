@@ -42,8 +42,11 @@ class MetricWindow:
         self.count, self.seconds, self._since, self._depth = 0, 0.0, self.clock(), 0
 
     def add(self, loss: torch.Tensor, parts: dict) -> None:
+        """One micro-batch's values; a non-finite loss is left out of the means (its step was skipped)."""
         self.keys = self.keys or sorted(parts)
         vec = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in self.keys])
+        good = torch.isfinite(vec[0])
+        vec = torch.cat([torch.where(good, vec, torch.zeros_like(vec)), good.float()[None]])  # last: the count
         self.sums = vec if self.sums is None else self.sums + vec
         self.count += 1
 
@@ -73,8 +76,8 @@ class MetricWindow:
         """{"loss", every part, "images_per_s"} over the window, all ranks together (collective; the host
         sync of a log row). reset=False leaves the window open (a row logged at a stop)."""
         seconds = self._seconds()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        vals = (self._global_sums() / (self.count * world)).tolist()
+        sums = self._global_sums()
+        vals = (sums[:-1] / sums[-1]).tolist()  # over the finite micro-batches of every rank (none: NaN)
         row = dict(zip(["loss"] + self.keys, vals))
         row["images_per_s"] = self.count * self.images_per_micro_batch / max(seconds, 1e-9)
         if reset:

@@ -3,6 +3,9 @@ with a checkpoint (a job scheduler's pre-emption). A second Ctrl-C interrupts at
 import signal
 import threading
 
+import torch
+import torch.distributed as dist
+
 
 class StopRequest:
     def __init__(self):
@@ -13,6 +16,15 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+
+    def agreed(self, group) -> bool:
+        """Whether any rank got a stop signal (all stop at the same step); with one process (group None)
+        its own flag. The flag is a host tensor all-reduced in a gloo group: no wait for the device."""
+        if group is None:
+            return self.signum is not None
+        flag = torch.tensor([int(self.signum is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag[0])
 
     @property
     def name(self) -> str:

@@ -3,10 +3,9 @@ train_one_epoch() until the schedule, a stop request or train.stop_at_step ends 
 
 One micro-batch: loader -> images, labels on device -> frozen teacher (outside DeepSpeed) -> f_t, z_t ->
 engine(images, labels, f_t, z_t) = student + projectors + CFMs + losses -> engine.backward / engine.step.
-Loss parts are summed on device (MetricWindow) and fetched only for a log row. The one host sync per
-micro-batch is a 2-element all-reduce (MAX) of [loss is non-finite, a stop signal arrived]: it lets every
-rank skip a non-finite step before any gradient exists (parameters and optimizer state untouched) and stop
-at the same step on Ctrl-C / SIGTERM.
+Nothing in a step waits for the device: loss parts are summed on device (MetricWindow), a non-finite loss
+turns its step into a no-op on the device (StepHealth), and the host reads both only for a log row or a
+checkpoint. Stop requests are host flags, agreed between ranks in a gloo group at every optimizer step.
 """
 import dataclasses
 import json
@@ -19,13 +18,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from hcd.engine.checkpoint import Checkpointer, NonFiniteState, read_layout, tag_for
 from hcd.engine.config import Config, ConfigError, dump_config
-from hcd.engine.distributed import Dist, build_engine, compute_dtype, distributed, rank0_print
+from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_group, distributed, rank0_print
 from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.evaluate import evaluate, student_forward
+from hcd.engine.health import StepHealth, apply_found_inf
 from hcd.engine.layout import check_layout, check_run_folder, run_layout, with_legacy_shapes
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics
 from hcd.engine.signals import StopRequest
@@ -67,8 +66,9 @@ class Run:
     total_steps: int
     state: TrainState
     pbar: object = None
-    micro: int = 0                 # good micro-batches in the current accumulation window
-    in_row: int = 0                # consecutive non-finite losses
+    health: StepHealth = None
+    control_group: object = None   # the process group that agrees on stop requests (host tensors, gloo)
+    micro: int = 0                 # micro-batches in the current accumulation window
     pending: Optional[int] = None  # an epoch that ended inside an accumulation window, handled at its end
     lr: float = 0.0
     teacher_top1: float = 0.0
@@ -129,6 +129,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
               Checkpointer(engine, folder / "checkpoints", d.rank, layout), None, window, total_steps, TrainState())
     if resume:
         _resume(run, resume_tag, prior_rows)
+    run.health, run.control_group = StepHealth(d.device, run.state.nonfinite), control_group(d)
     run.log = MetricsLog(folder, d.rank)
     with window.paused():
         t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device, desc="teacher eval")
@@ -166,10 +167,10 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
     reason = None
     for images, labels in loader:
         s.batch += 1
-        stop_now = _micro_step(run, images, labels, stop)
-        if stop_now is None or run.micro < run.cfg.train.grad_accum:
+        _micro_step(run, images, labels)
+        if run.micro < run.cfg.train.grad_accum:
             continue
-        reason = _optimizer_step_done(run, stop_now, stop)
+        reason = _optimizer_step_done(run, stop)
         if reason or s.step >= run.total_steps:
             break
         every = run.cfg.train.save_every_steps
@@ -184,42 +185,29 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
     return reason
 
 
-def _micro_step(run: Run, images, labels, stop: StopRequest) -> Optional[bool]:
-    """Forward and backward of one micro-batch; returns whether a stop was requested on any rank, or None
-    when the loss was non-finite somewhere (the micro-batch is skipped on every rank)."""
+def _micro_step(run: Run, images, labels) -> None:
+    """Forward and backward of one micro-batch, and the optimizer step at the end of a window: nothing
+    here waits for the device (a non-finite loss makes the step a no-op on the device, health.py)."""
     f_t, z_t = run.teacher(images)
     loss, _, parts = run.engine(images.to(compute_dtype(run.engine)), labels, f_t, z_t)
-    flags = torch.stack([(~torch.isfinite(loss.float())).float(),
-                         torch.tensor(float(stop.signum is not None), device=loss.device)])
-    if dist.is_initialized() and run.d.world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stop_now = flags.tolist()  # the accepted host sync
-    if bad:
-        run.state.nonfinite += 1
-        run.in_row += 1
-        rank0_print(run.d, f"step {run.state.step + 1}: non-finite loss, step skipped "
-                           f"({run.in_row} in a row, {run.state.nonfinite} in all)")
-        if run.in_row >= run.cfg.train.max_nonfinite:
-            raise NonFiniteState(f"{run.in_row} non-finite losses in a row (train.max_nonfinite="
-                                 f"{run.cfg.train.max_nonfinite}) at step {run.state.step + 1}; aborting, "
-                                 "no checkpoint written for this state")
-        return None
-    run.in_row = 0
+    run.health.observe(loss)
     run.lr = run.engine.get_lr()[0]  # the LR this optimizer step uses (host value, no sync)
     run.engine.backward(loss)
+    run.micro += 1
+    if run.micro == run.cfg.train.grad_accum:
+        apply_found_inf(run.engine.client_optimizer, run.health.close_window())
     run.engine.step()
     run.window.add(loss, parts)
-    run.micro += 1
-    return bool(stop_now)
 
 
-def _optimizer_step_done(run: Run, stop_now: bool, stop: StopRequest) -> Optional[str]:
+def _optimizer_step_done(run: Run, stop: StopRequest) -> Optional[str]:
     """Bookkeeping after the last micro-batch of an accumulation window: log, finish a pending epoch end,
     and say whether (and why) the run stops here."""
     s, t = run.state, run.cfg.train
     run.micro = 0
     s.step += 1
     run.pbar.update(1)
+    stop_now = stop.agreed(run.control_group)
     at_stop_step = t.stop_at_step is not None and s.step >= t.stop_at_step
     if s.step % t.log_every == 0 or s.step == run.total_steps:
         _log_row(run)
@@ -231,9 +219,19 @@ def _optimizer_step_done(run: Run, stop_now: bool, stop: StopRequest) -> Optiona
     return stop.name if stop_now else "train.stop_at_step" if at_stop_step else None
 
 
+def _check_health(run: Run) -> None:
+    """Read the device's non-finite counters (a host sync: log rows and saves only); abort at the limit."""
+    run.state.nonfinite, worst = run.health.read()
+    if worst >= run.cfg.train.max_nonfinite:
+        raise NonFiniteState(f"{worst} non-finite losses in a row (train.max_nonfinite={run.cfg.train.max_nonfinite}) "
+                             f"by step {run.state.step}; those steps changed no weight; aborting, no checkpoint "
+                             "written for this state")
+
+
 def _log_row(run: Run, partial: bool = False) -> None:
     s = run.state
     means = run.window.means(reset=not partial)
+    _check_health(run)
     row = {"kind": "train", "step": s.step, "epoch": round(s.epoch + s.batch / len(run.train_loader), 4),
            **means, "lr": run.lr, "nonfinite": s.nonfinite}
     if partial:
@@ -259,6 +257,7 @@ def _evaluate_student(run: Run, epoch) -> bool:
 
 
 def _save(run: Run, best: bool = False) -> None:
+    _check_health(run)
     with run.window.paused():
         run.saver.save(run.state, best=best, window=run.window.state_dict())
 

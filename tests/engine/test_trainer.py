@@ -148,11 +148,12 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, write_c
     assert main(["train", "--config", cfg, "--out", str(run), "--set", "train.epochs=1",
                  "--set", "train.max_nonfinite=3", "--set", "train.export=false"]) == 0
     rows = train_rows(run)
-    # 6 optimizer steps are done whatever is skipped: 2 batches of epoch 2 make up for the 2 skipped ones
+    # steps 2 and 3 are applied with zero effect on the device (the fused optimizer's found_inf): they count
+    # as steps, their rows have no finite loss to average, and the counter says how many were skipped
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert rows[0]["nonfinite"] == 0 and rows[-1]["nonfinite"] == 2
-    assert seen[1] == seen[2] == seen[3] != seen[4]           # skipped steps changed no weight
-    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["nonfinite"] for r in rows] == [0, 1, 2, 2, 2, 2]
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, False, False, True, True, True]
+    assert seen[1] == seen[2] == seen[3] != seen[4]  # no weight moved, momentum included (SGD, momentum 0.9)
 
 
 def test_too_many_non_finite_in_a_row_abort_without_checkpoint(tmp_path, monkeypatch, capsys, write_config):
@@ -466,3 +467,39 @@ def test_a_runs_config_trains_again_from_another_directory(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "randomly initialised" not in out and "teacher vit_tiny_patch16_224: val top-1" in out
     assert load_config(str(tmp_path / "b" / "config.yaml")).model.teacher_checkpoint == str(work / "teacher.safetensors")
+
+
+def test_training_steps_wait_for_the_device_only_to_log(tmp_path, monkeypatch, write_config, train_rows):
+    """Host syncs (.item(), .tolist(), .cpu(), bool(tensor)) over a 4-step run, log_every 2: none in any
+    micro-batch (forward, backward, optimizer step, non-finite check) and none at a step without a log row."""
+    import torch
+
+    from hcd.engine import trainer
+    calls = []
+    for name in ("item", "tolist", "cpu", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(self, *a, **k))
+    per_step, micro = [], []
+    real_micro, real_done = trainer._micro_step, trainer._optimizer_step_done
+
+    def counted_micro(run, *args):
+        before = len(calls)
+        real_micro(run, *args)
+        micro.append(len(calls) - before)
+
+    def counted_done(run, stop):
+        before = len(calls)
+        reason = real_done(run, stop)
+        per_step.append((run.state.step, len(calls) - before))
+        return reason
+
+    monkeypatch.setattr(trainer, "_micro_step", counted_micro)
+    monkeypatch.setattr(trainer, "_optimizer_step_done", counted_done)
+    cfg = write_config(tmp_path)
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--set", "train.max_steps=4",
+                 "--set", "train.log_every=2", "--set", "train.export=false"]) == 0
+    assert micro == [0, 0, 0, 0]
+    assert [s for s, _ in per_step] == [1, 2, 3, 4] and [n for s, n in per_step if s % 2] == [0, 0]
+    assert all(n <= 2 for _, n in per_step)  # a log row: the metrics' and the non-finite counters' reads
+    assert [r["step"] for r in train_rows(tmp_path / "run")] == [2, 4]
