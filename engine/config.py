@@ -89,6 +89,8 @@ class TrainConfig:
     export: bool = True                # write the student as safetensors + timm pretrained_cfg at the end
     save_every_steps: Optional[int] = None  # also checkpoint every N optimizer steps inside epochs (a hard
                                             # crash then loses at most N steps); epoch ends always checkpoint
+    channels_last: Optional[bool] = None    # NHWC student, projectors, teacher and inputs; null: on CUDA
+    compile: Optional[Literal["none", "teacher", "student", "all"]] = None  # torch.compile; null: teacher on CUDA
 
 
 @dataclass
@@ -173,6 +175,9 @@ def validate(cfg: Config):
     need(cfg.schedule.min_lr >= 0, "schedule.min_lr", "must be >= 0")
     need(0 < cfg.schedule.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
+    need(not (cfg.train.compile in ("student", "all") and cfg.deepspeed.zero_stage == 3), "train.compile",
+         f"{cfg.train.compile!r} with deepspeed.zero_stage 3: ZeRO-3's parameter-gathering hooks make torch.compile "
+         "recompile past its limit and fall back to eager; compile 'teacher' only, or use ZeRO-1/2")
 
 
 # Fields that name files or folders: a saved config holds them absolute, so it works from any directory

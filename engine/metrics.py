@@ -1,6 +1,7 @@
 """Metrics: the accuracy arithmetic (pure functions), the window of training metrics kept on device between
 log rows, and the run folder's metrics.jsonl / TensorBoard log."""
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,3 +154,10 @@ def read_metrics(path) -> list:
             raise DataError(f"{path}: line {number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def write_metrics(path, rows: list) -> None:
+    """Replace a metrics.jsonl with `rows`, atomically: a crash mid-rewrite must not lose the run's history."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

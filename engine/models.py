@@ -123,6 +123,9 @@ class FrozenTeacher(nn.Module):
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        weights = next(self.model.parameters()).dtype
+        if weights != torch.float32:  # kept in the run's 16-bit dtype (engine/speed.py)
+            x = x.to(weights)
         autocast = x.device.type == "cuda" and x.dtype == torch.float32
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             feats = self.model.forward_features(x)

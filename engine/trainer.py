@@ -8,8 +8,6 @@ turns its step into a no-op on the device (StepHealth), and the host reads both 
 checkpoint. Stop requests are host flags, agreed between ranks in a gloo group at every optimizer step.
 """
 import dataclasses
-import json
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -26,8 +24,9 @@ from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.evaluate import evaluate, student_forward
 from hcd.engine.health import StepHealth, apply_found_inf
 from hcd.engine.layout import check_layout, check_run_folder, run_layout, with_legacy_shapes
-from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics
+from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics, write_metrics
 from hcd.engine.signals import StopRequest
+from hcd.engine.speed import input_layout, prepare_models, resolved
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Run:
     d: Dist
     folder: Path
     engine: object
-    teacher: torch.nn.Module
+    teacher: object                # images -> (f_t, z_t): the frozen teacher, compiled or not
     train_loader: object
     val_loader: object
     saver: Checkpointer
@@ -69,6 +68,7 @@ class Run:
     health: StepHealth = None
     control_group: object = None   # the process group that agrees on stop requests (host tensors, gloo)
     micro: int = 0                 # micro-batches in the current accumulation window
+    channels_last: bool = False
     pending: Optional[int] = None  # an epoch that ended inside an accumulation window, handled at its end
     lr: float = 0.0
     teacher_top1: float = 0.0
@@ -100,6 +100,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     from hcd.engine.schedule import make_lr_lambda
     resume_tag = check_run_folder(folder, resume)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
+    teacher_fn = prepare_models(cfg, teacher, distiller, d.device)
     train_loader, val_loader = build_run_loaders(cfg, mean, std, d)
     t, batches = cfg.train, len(train_loader)
     if len(train_loader.classes) != cfg.model.num_classes:
@@ -125,14 +126,15 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     seed = cfg.seed + d.rank  # per-rank randomness (the loaders derive the data order from cfg.seed)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     window = MetricWindow(cfg.data.batch_size * d.world)
-    run = Run(cfg, d, folder, engine, teacher, train_loader, val_loader,
+    run = Run(cfg, d, folder, engine, teacher_fn, train_loader, val_loader,
               Checkpointer(engine, folder / "checkpoints", d.rank, layout), None, window, total_steps, TrainState())
     if resume:
         _resume(run, resume_tag, prior_rows)
     run.health, run.control_group = StepHealth(d.device, run.state.nonfinite), control_group(d)
+    run.channels_last = resolved(cfg, d.device)[0]
     run.log = MetricsLog(folder, d.rank)
     with window.paused():
-        t1, t5, n_val = evaluate(lambda x: teacher(x)[1], val_loader, d.device, desc="teacher eval")
+        t1, t5, n_val = evaluate(lambda x: teacher_fn(x)[1], val_loader, d.device, desc="teacher eval")
     run.teacher_top1 = t1
     rank0_print(d, f"teacher {cfg.model.teacher}: val top-1 {t1:.2f}%  top-5 {t5:.2f}%  ({n_val} images)")
     run.log.write({"kind": "teacher", "step": run.state.step, "teacher_top1": t1, "teacher_top5": t5},
@@ -152,10 +154,8 @@ def _resume(run: Run, tag: str, prior_rows: list) -> None:
     s = run.state
     rank0_print(run.d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
     if run.d.rank == 0:
-        rows = [r for r in prior_rows if r.get("step", 0) <= s.step and not r.get("partial")]
-        tmp = run.folder / "metrics.jsonl.tmp"  # a crash mid-rewrite must not lose the run's history
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, run.folder / "metrics.jsonl")
+        write_metrics(run.folder / "metrics.jsonl", [r for r in prior_rows
+                                                     if r.get("step", 0) <= s.step and not r.get("partial")])
         dump_config(run.cfg, run.folder / "config.yaml")  # the config this run continues with
 
 
@@ -188,6 +188,7 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
 def _micro_step(run: Run, images, labels) -> None:
     """Forward and backward of one micro-batch, and the optimizer step at the end of a window: nothing
     here waits for the device (a non-finite loss makes the step a no-op on the device, health.py)."""
+    images = input_layout(images, run.channels_last)
     f_t, z_t = run.teacher(images)
     loss, _, parts = run.engine(images.to(compute_dtype(run.engine)), labels, f_t, z_t)
     run.health.observe(loss)

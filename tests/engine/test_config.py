@@ -111,3 +111,10 @@ def test_a_saved_config_works_from_another_directory(tmp_path, monkeypatch):
     assert Path(saved.model.teacher_checkpoint).is_file() and Path(saved.deepspeed.config_file).is_file()
     assert (saved.data.root, saved.out) == (str(work / "data"), str(work / "runs" / "x"))
     assert saved.data.train_list == "train.txt" and saved.model.student_checkpoint is None  # relative to root
+
+
+def test_compiling_the_student_under_zero3_is_refused():
+    load_config(None, ("train.compile=student", "deepspeed.zero_stage=2"))
+    load_config(None, ("train.compile=teacher", "deepspeed.zero_stage=3"))
+    with pytest.raises(ConfigError, match=r"^train\.compile: 'all' with deepspeed.zero_stage 3"):
+        load_config(None, ("train.compile=all", "deepspeed.zero_stage=3"))
