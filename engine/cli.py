@@ -55,7 +55,8 @@ def _bench(args):
     from hcd.engine.bench import run_bench, run_report
     if args.report:
         return run_report(args.report)
-    return run_bench(device=args.device, out_dir=args.out, quick=args.quick, dtypes=args.dtype, ns=args.n)
+    return run_bench(device=args.device, out_dir=args.out, quick=args.quick, dtypes=args.dtype, ns=args.n,
+                     only=args.only)
 
 
 def _data_check(args):
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--n the profile and the steps are left out)")
     b.add_argument("--n", type=_int_list, default=None, metavar="LIST",
                    help="head rows with these n_sublogits only, e.g. 2,8 (CUDA plan)")
+    b.add_argument("--only", type=_str_list, default=None, metavar="LIST",
+                   help="these sections alone, of kernel,profile,step,loader (e.g. --only step: the training-step "
+                        "rows; one call per section fits a time limit)")
     b.add_argument("--report", metavar="FILE", default=None,
                    help="print the tables of a results JSON (also one cut short) instead of running")
     b.set_defaults(func=_bench)

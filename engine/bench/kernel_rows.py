@@ -52,6 +52,20 @@ def no_donated_buffers():
     return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def tf32_matmul():
+    """TF32 allowed for float32 matmuls (cuBLAS, and the GEMMs torch.compile generates), restored after:
+    the fused path's backward GEMMs use TF32 dots, so the baselines are also timed with them allowed."""
+    allow, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def backends_for(device) -> List[str]:
     """Every baseline, and the fused path where it runs compiled (the interpreter only when a plan asks)."""
     return ["eager", "compile"] + (["triton"] if device.type == "cuda" else [])
@@ -108,13 +122,20 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     make = head_loss_fn if kind == "head" else student_loss_fn
     if fresh_compile:
         torch._dynamo.reset()
-    m = measure(lambda backend: mode_fn(make(inp, cfg, backend), mode), grad_tensors(inp), device,
-                backends or backends_for(device), quick)
-    return kernel_row(kind, shape, dtype_name, mode, device, m)
+    def build(backend):
+        return mode_fn(make(inp, cfg, backend), mode)
+    m = measure(build, grad_tensors(inp), device, backends or backends_for(device), quick)
+    m_tf32 = None
+    if device.type == "cuda" and dtype_name == "fp32":  # the baselines again, TF32 allowed (IEEE above)
+        with tf32_matmul():
+            m_tf32 = measure(build, grad_tensors(inp), device, ["eager", "compile"], quick)
+    return kernel_row(kind, shape, dtype_name, mode, device, m, m_tf32)
 
 
-def kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, m: Measured) -> dict:
-    """The results JSON's row for measurements `m`. Triton on CPU is the interpreter: no rate from it."""
+def kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, m: Measured,
+               m_tf32: Optional[Measured] = None) -> dict:
+    """The results JSON's row for measurements `m` (and, for fp32 on CUDA, `m_tf32`: the eager and compile
+    baselines with TF32 allowed). Triton on CPU is the interpreter: no rate from it."""
     interp = device.type == "cpu" and "triton" in m.ms
     nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
     flops, moved = (head_cost(shape, nbytes, mode) if kind == "head"
@@ -129,6 +150,9 @@ def kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, m: Me
     if device.type == "cuda":
         row.update({"host_ms": m.host, "device_ms": m.device, "device_errors": m.errors,
                     "device_tflops": per_second(flops, fused_dev), "device_gbps": per_second(moved, fused_dev, 1e9)})
+    if m_tf32 is not None:
+        row.update({"eager_tf32_ms": m_tf32.ms.get("eager"), "compile_tf32_ms": m_tf32.ms.get("compile"),
+                    "device_tf32_ms": m_tf32.device, "device_tf32_errors": m_tf32.errors})
     roof = roofline_for(device)
     if roof:
         t_roof = roofline_seconds(roof, dtype_name, flops, moved)

@@ -86,17 +86,51 @@ def format_profile(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_step_table(rows: List[dict]) -> str:
-    lines = [f"{'step':28} {'ms':>9} {'vs eager':>8} {'vs KD':>6}"]
+def format_tf32_table(rows: List[dict]) -> str:
+    """fp32 rows on CUDA: the eager and compile baselines with IEEE fp32 GEMMs (the main table) and with
+    TF32 allowed, against the fused path (whose backward GEMMs use TF32 dots)."""
+    rows = [r for r in rows if "eager_tf32_ms" in r]
+    if not rows:
+        return ""
+    head = (f"{'fp32 rows':9} {'B':>4} {'C':>5} {'n':>2} {'mode':8} {'eager':>7} {'e.tf32':>7} {'compile':>7} "
+            f"{'c.tf32':>7} {'fused':>7} {'ctf/fus':>7} | {'g.c.tf32':>8} {'g.fused':>7} {'ctf/fus':>7}")
+    lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:28} {r['ms']:>9.2f} {_fmt(r.get('vs_eager'), '.2f'):>8} "
-                     f"{_fmt(r.get('vs_kd'), '.2f'):>6}")
+        s, d, dt = r["shape"], r.get("device_ms") or {}, r.get("device_tf32_ms") or {}
+        lines.append(f"{r['kernel']:9} {s['B']:>4} {s['C']:>5} {s['n']:>2} {r['mode']:8} {_fmt(r['eager_ms']):>7} "
+                     f"{_fmt(r['eager_tf32_ms']):>7} {_fmt(r['compile_ms']):>7} {_fmt(r['compile_tf32_ms']):>7} "
+                     f"{_fmt(r['fused_ms']):>7} {_fmt(_ratio(r['compile_tf32_ms'], r['fused_ms']), '.2f'):>7} | "
+                     f"{_fmt(dt.get('compile')):>8} {_fmt(d.get('triton')):>7} "
+                     f"{_fmt(_ratio(dt.get('compile'), d.get('triton')), '.2f'):>7}")
+    lines.append("e./c.tf32: eager / torch.compile with TF32 allowed for float32 matmuls (allow_tf32, "
+                 "float32_matmul_precision 'high'); eager/compile: IEEE fp32; g.: device time (CUDA-graph replay)")
+    return "\n".join(lines)
+
+
+def format_step_table(rows: List[dict]) -> str:
+    """Step rows: ms per step, images/s, the engine's ratios; then the engine step's breakdown by range."""
+    setup = rows[0].get("setup") or {}
+    lines = [f"step: {setup.get('config', '?')} {setup.get('precision', '')} ZeRO-{setup.get('zero_stage', '?')}, "
+             f"synthetic batch on the device, loss backend {setup.get('loss_backend', '?')}",
+             f"{'step':34} {'ms/step':>9} {'images/s':>9} {'vs ref':>6} {'HCD/KD':>6}"]
+    for r in rows:
+        lines.append(f"{r['name']:34} {r['ms']:>9.2f} {_fmt(r.get('images_per_s'), '.1f'):>9} "
+                     f"{_fmt(r.get('vs_reference'), '.2f'):>6} {_fmt(r.get('hcd_vs_kd'), '.2f'):>6}")
+    lines.append("vs ref: images/s over the reference loop's (eager losses, autocast bf16 on CUDA, NCHW, no compile, "
+                 "plain SGD, no DeepSpeed); HCD/KD: ms over the KD step's (same machinery, no heads)")
+    for r in rows:
+        if r.get("breakdown"):
+            lines.append(f"breakdown of one {r['kind']} step (median of marked steps): {'host ms':>8} {'device ms':>9}")
+            lines += [f"  {name:46} {_fmt(v['host_ms'], '.2f'):>8} {_fmt(v['device_ms'], '.2f'):>9}"
+                      for name, v in r["breakdown"].items()]
     return "\n".join(lines)
 
 
 def report(result: dict) -> str:
     """Every table of one results JSON."""
     parts = [format_table(result["kernel"])] if result.get("kernel") else []
+    if format_tf32_table(result.get("kernel") or []):
+        parts.append(format_tf32_table(result["kernel"]))
     if result.get("profile"):
         parts.append(format_profile(result["profile"]))
     if result.get("step"):

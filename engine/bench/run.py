@@ -5,7 +5,9 @@ runs/bench/<device>-<date>.json (--out). On CPU the shapes are small and the Tri
 interpreter) is timed at a tiny shape only, marked "interpreter" and left out of every ratio.
 Timing (timing.py): launch-inclusive medians (CUDA events on CUDA, a timed loop on CPU) for every backend;
 on CUDA also the host's issue time of the fused call, device time from CUDA-graph replay (the roofline's
-base) and, for the headline shape, a per-launch profile of every backend (profile.py).
+base) and, for the headline shape, a per-launch profile of every backend (profile.py); fp32 rows also time
+the eager and compile baselines with TF32 allowed. Step rows (step_rows.py): the trainer's own micro-step
+on the DeepSpeed engine against the reference loop a user would write and a KD step, with a breakdown.
 """
 import datetime as _dt
 import os
@@ -23,40 +25,45 @@ from hcd.engine.errors import output_path_problem
 from hcd.engine.runinfo import commit, device_name, resolve_device, versions, write_json
 
 
+SECTIONS = ("kernel", "profile", "step", "loader")
+
+
 def run_bench(device: Optional[str] = None, out_dir: str = "runs/bench", quick: bool = False,
               steps: bool = True, loader: bool = True, dtypes: Optional[List[str]] = None,
-              ns: Optional[List[int]] = None) -> int:
-    """Run what fits this machine. Until the end the results go to <name>.partial.json, rewritten after
-    every row ("complete": false), so a run cut short by a time limit keeps what it measured (`hcd bench
-    --report FILE` prints it) and never replaces a finished file."""
+              ns: Optional[List[int]] = None, only: Optional[List[str]] = None) -> int:
+    """Run what fits this machine (`only`: these SECTIONS alone). Until the end the results go to
+    <name>.partial.json, rewritten after every row ("complete": false), so a run cut short by a time limit
+    keeps what it measured (`hcd bench --report FILE` prints it) and never replaces a finished file."""
     name = resolve_device(device, "bench")
     if name is None:
         return 2
     dev = torch.device(name)
-    problem = _argument_problem(dev, out_dir, dtypes, ns)
+    problem = _argument_problem(dev, out_dir, dtypes, ns, only)
     if problem:
         print(f"hcd bench: error: {problem}", file=sys.stderr)
         return 2
-    plan = kernel_plan(dev, quick, dtypes, ns)
+    subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
+    sections = {"kernel"} if subset else set(only or SECTIONS)
+    plan = kernel_plan(dev, quick, dtypes, ns) if "kernel" in sections else []
     # the load average says whether the machine was busy with other work while it was measured
     result = {"device": device_name(dev), "commit": commit(), "date": _dt.date.today().isoformat(),
               "versions": versions(), "load_average": {"start": os.getloadavg()}, "complete": False,
               "kernel": [], "profile": [], "step": [], "loader": []}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns)) if v)
+    part = "".join(f"-{k}{','.join(map(str, v))}" for k, v in (("dtype", dtypes), ("n", ns), ("only", only)) if v)
     path = out / f"{device_name(dev).replace(' ', '_')}-{result['date']}{part}.json"
     partial = path.with_name(path.stem + ".partial.json")  # until complete: never replaces a finished file
     _kernel_rows(plan, result, partial, dev, quick)
-    subset = bool(dtypes or ns)  # a part of the kernel plan: the rest was (or will be) measured elsewhere
-    result["profile"] = [] if subset else profile_rows(dev)
+    result["profile"] = profile_rows(dev) if "profile" in sections else []
     write_json(partial, result)
-    if steps and not subset:
-        from hcd.engine.bench.step_rows import step_rows  # timm and the distiller: only when steps run
-        _phase("training steps: building the models, then timing each step kind")
-        result["step"] = step_rows(dev, quick=quick)
+    if steps and "step" in sections:
+        from hcd.engine.bench.step_rows import step_rows  # timm, DeepSpeed, the trainer: only when steps run
+        _phase("training steps: the reference loop, the engine step (DeepSpeed) and a KD step, each built "
+               "then timed")
+        result["step"] = step_rows(dev, quick=quick, on_row=lambda rows: write_json(partial, dict(result, step=rows)))
         write_json(partial, result)
-    if loader and dev.type == "cpu":
+    if loader and "loader" in sections and dev.type == "cpu":
         from hcd.engine.bench.loader_rows import loader_rows  # PIL, the data pipelines: only when loaders run
         _phase("loaders: writing a JPEG folder, then one pass of each loader over it")
         result["loader"] = loader_rows(quick=quick)
@@ -73,9 +80,14 @@ def _phase(text: str) -> None:
     print(f"hcd bench: {text} ...", file=sys.stderr, flush=True)
 
 
-def _argument_problem(dev, out_dir, dtypes, ns) -> Optional[str]:
+def _argument_problem(dev, out_dir, dtypes, ns, only) -> Optional[str]:
     if (dtypes or ns) and dev.type != "cuda":
         return "--dtype/--n select parts of the CUDA plan; the CPU plan is small enough to run whole"
+    if (dtypes or ns) and only:
+        return "--only with --dtype/--n: a part of the kernel plan runs kernel rows alone"
+    unknown = [s for s in only or () if s not in SECTIONS]
+    if unknown:
+        return f"--only: {', '.join(unknown)} not among {', '.join(SECTIONS)}"
     bad = [d for d in dtypes or () if d not in DTYPES] + [str(n) for n in ns or () if n < 1]
     if bad:
         return f"--dtype/--n: {', '.join(bad)} not among {', '.join(DTYPES)} / positive n"

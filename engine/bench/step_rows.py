@@ -1,78 +1,119 @@
-"""Whole training steps for `hcd bench`: teacher forward + student forward/backward + every HCD head +
-optimizer step, on synthetic batches already on the device (no loader in the timing).
+"""Whole training steps for `hcd bench` (how each is built: step_build.py): the engine step users run
+(the trainer's own _micro_step on the DeepSpeed engine of a shipped ImageNet config), the reference loop a
+user would otherwise write, and a KD step through the same machinery as the engine step; plus a breakdown
+of one engine step by range (breakdown.py).
 
-Rows: the engine's path (backend auto: fused on CUDA), the same step with the eager reference losses, and a
-plain KD step (student CE + KD only) with the same models — "vs KD" is what HCD costs over KD.
+Rows report ms per step and images/s; the engine row carries the ratios "engine vs reference loop"
+(images/s over the reference loop's) and "HCD vs KD" (ms over the KD step's). On CUDA: Swin-T -> ResNet18,
+224 px, B = 128, bf16, ZeRO-1 as configured, 1 process. On CPU: the same config shrunk (tiny ViT teacher,
+32 px, B = 16, fp32, 10 classes, no compile, one intra-op thread: on a shared 2-core machine two threads
+wait on each other's descheduled partner, 4-5x slower), a check that the path runs, not a speed.
 """
-from dataclasses import dataclass
-from typing import Callable, List
+import contextlib
+import statistics
+import time
+from typing import Callable, List, Optional
 
 import torch
 
-from hcd.engine.bench.timing import time_ms
-from hcd.engine.distiller import HCDDistiller
-from hcd.engine.models import build_student, build_teacher, norm_stats
-from hcd.kernels import HCDLossConfig, student_loss
+from hcd.engine.bench.breakdown import step_breakdown
+from hcd.engine.bench.step_build import (STEP_CONFIG, engine_run, micro_step_fn, reference_step, release,
+                                         step_config, step_overrides, synthetic_batch)
+
+KINDS = ("reference loop", "hcd engine", "kd engine")
 
 
-@dataclass(frozen=True)
-class StepSetup:
-    teacher: str
-    student: str
-    img_size: int
-    batch: int
-    num_classes: int
-    teacher_kwargs: tuple = ()
-
-
-GPU_SETUP = StepSetup("swin_tiny_patch4_window7_224", "resnet18", 224, 128, 1000)
-CPU_SETUP = StepSetup("vit_tiny_patch16_224", "resnet18", 32, 32, 10,
-                      (("img_size", 32), ("patch_size", 4), ("depth", 4)))
-
-
-def build_step(setup: StepSetup, device, backend: str, kind: str = "hcd") -> Callable[[], None]:
-    """A closure running one optimizer step of `kind` ("hcd" or "kd") with the given loss backend."""
-    torch.manual_seed(0)
-    student = build_student(setup.student, setup.num_classes, [1, 2, 3, 4])
-    mean, std = norm_stats(student.model)
-    teacher = build_teacher(setup.teacher, setup.num_classes, kwargs=dict(setup.teacher_kwargs),
-                            student_mean=mean, student_std=std).to(device)
-    cfg = HCDLossConfig(sublogit_kl_weight=1.0)
-    model = HCDDistiller(student, teacher.feature_dim, setup.num_classes, cfg, backend=backend).to(device)
+def step_ms(step: Callable[[], None], device: torch.device, quick: bool = False) -> float:
+    """Median ms per step over windows of back-to-back steps, one device sync per window: the host runs
+    ahead of the device as in training. The first calls (torch.compile, cuDNN autotuning) are warm-up."""
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    params = model.parameters() if kind == "hcd" else student.parameters()
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(setup.batch, 3, setup.img_size, setup.img_size, generator=g).to(device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, setup.num_classes, (setup.batch,), generator=g).to(device)
-    autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        f_t, z_t = teacher(images)
-        with torch.autocast(**autocast):
-            if kind == "hcd":
-                loss = model(images, target, f_t, z_t).loss
-            else:
-                logits, _ = student(images)
-                loss = student_loss(logits, z_t.to(logits.dtype), target, cfg, backend=backend)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+        warmup, windows, per_window = (5, 3, 10) if quick else (10, 5, 20)
+    else:
+        warmup, windows, per_window = (1, 3, 2) if quick else (2, 5, 4)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    samples = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(per_window):
+            step()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3 / per_window)
+    return statistics.median(samples)
 
 
-def step_rows(device, quick=False) -> List[dict]:
-    setup = GPU_SETUP if device.type == "cuda" else CPU_SETUP
-    fused = "auto"  # the engine's own choice: triton on CUDA, eager on CPU
-    times = {}
-    for name, backend, kind in (("hcd engine", fused, "hcd"), ("hcd eager", "eager", "hcd"), ("kd engine", fused, "kd")):
-        times[name] = time_ms(build_step(setup, device, backend, kind), device, quick=quick)
-    label = f"{setup.teacher.split('_')[0]}->{setup.student}@{setup.img_size}/B{setup.batch}"
-    return [{"name": f"{name} {label}", "setup": setup.__dict__ | {"teacher_kwargs": dict(setup.teacher_kwargs)},
-             "kind": name, "ms": ms,
-             "vs_eager": times["hcd eager"] / ms if name == "hcd engine" else None,
-             "vs_kd": ms / times["kd engine"] if name.startswith("hcd") else None}
-            for name, ms in times.items()]
+def setup_dict(cfg, device: torch.device) -> dict:
+    """What the step rows ran: the config, its overrides and the settings that decide the speed."""
+    from hcd.engine.speed import resolved
+    channels_last, compiled = resolved(cfg, device)
+    backend = cfg.head.backend
+    return {"config": STEP_CONFIG, "overrides": list(step_overrides(device)), "teacher": cfg.model.teacher,
+            "student": cfg.model.student, "img_size": cfg.data.img_size, "batch": cfg.data.batch_size,
+            "num_classes": cfg.model.num_classes, "precision": cfg.train.precision,
+            "zero_stage": cfg.deepspeed.zero_stage, "channels_last": channels_last, "compile": compiled,
+            "loss_backend": ("triton" if device.type == "cuda" else "eager") if backend == "auto" else backend,
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def _row(kind: str, ms: float, setup: dict, breakdown: Optional[dict] = None) -> dict:
+    label = f"{setup['teacher'].split('_')[0]}->{setup['student']}@{setup['img_size']}/B{setup['batch']}"
+    return {"name": f"{kind} {label}", "kind": kind, "ms": ms, "images_per_s": setup["batch"] / (ms * 1e-3),
+            "vs_reference": None, "hcd_vs_kd": None, "setup": setup, "breakdown": breakdown}
+
+
+def _ratios(rows: List[dict]) -> None:
+    """On the engine row: images/s over the reference loop's, ms over the KD step's (when measured)."""
+    by = {r["kind"]: r for r in rows}
+    engine = by.get("hcd engine")
+    if engine is None:
+        return
+    if "reference loop" in by:
+        engine["vs_reference"] = engine["images_per_s"] / by["reference loop"]["images_per_s"]
+    if "kd engine" in by:
+        engine["hcd_vs_kd"] = engine["ms"] / by["kd engine"]["ms"]
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device):
+    """One intra-op thread on CPU for the rows' duration (module docstring), restored after."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def step_rows(device: torch.device, quick: bool = False, on_row: Optional[Callable[[List[dict]], None]] = None,
+              breakdown_steps: int = 3) -> List[dict]:
+    """The three step rows, in KINDS order; on_row(rows so far) after each (a partial results file)."""
+    with _cpu_threads(device):
+        return _measure(device, quick, on_row, breakdown_steps)
+
+
+def _measure(device, quick, on_row, breakdown_steps) -> List[dict]:
+    cfg = step_config(device)
+    setup = setup_dict(cfg, device)
+    images, labels = synthetic_batch(cfg, device)
+    rows: List[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        _ratios(rows)
+        if on_row:
+            on_row(rows)
+
+    add(_row("reference loop", step_ms(reference_step(cfg, images, labels), device, quick), setup))
+    release()
+    run = engine_run(cfg, "hcd")
+    ms = step_ms(micro_step_fn(run, images, labels), device, quick)
+    add(_row("hcd engine", ms, setup, step_breakdown(run, images, labels, breakdown_steps)))
+    teacher = run.teacher  # the KD step reuses the prepared (compiled) teacher: one compilation, same model
+    release(run)
+    kd = engine_run(cfg, "kd", teacher_fn=teacher)
+    add(_row("kd engine", step_ms(micro_step_fn(kd, images, labels), device, quick), setup))
+    release(kd)
+    return rows

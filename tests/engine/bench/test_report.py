@@ -1,5 +1,5 @@
 """The tables of a results JSON: which numbers go where, and what is left out of the ratios."""
-from hcd.engine.bench.report import format_profile, format_table
+from hcd.engine.bench.report import format_profile, format_step_table, format_table, format_tf32_table
 
 
 def test_table_leaves_interpreter_rows_out_of_ratios():
@@ -49,3 +49,28 @@ def test_profile_table_lists_the_fused_launches():
     assert "bf16  eager          40      90.0        -   1000.0" in text
     assert "bf16  triton          2      30.0     80.0    250.0" in text
     assert "bf16 fused launches (us): _gemm_kernel 20.0, _head_row_kernel 10.0" in text
+
+
+def test_tf32_table_lists_fp32_rows_with_both_precisions():
+    row = _gpu_row(dtype="fp32", eager_tf32_ms=2.0, compile_tf32_ms=0.9, device_tf32_ms={"eager": 0.5, "compile": 0.2},
+                   device_tf32_errors={})
+    text = format_tf32_table([_gpu_row(), row])  # the bf16 row has no TF32 measurement: left out
+    lines = text.splitlines()
+    assert len(lines) == 4 and "e.tf32" in lines[0] and "g.c.tf32" in lines[0]
+    cells = lines[2].split()
+    assert cells[5:11] == ["3.000", "2.000", "1.200", "0.900", "1.500", "0.60"]  # eager, e.tf32, compile, c.tf32, fused
+    assert cells[-3:] == ["0.200", "0.150", "1.33"]  # device: compile tf32, fused, ratio
+    assert format_tf32_table([_gpu_row()]) == ""
+
+
+def test_step_table_shows_images_per_s_ratios_and_the_breakdown():
+    setup = {"config": "imagenet/swin_tiny-resnet18.yaml", "precision": "bf16", "zero_stage": 1, "loss_backend": "triton"}
+    bd = {"teacher forward": {"host_ms": 1.0, "device_ms": 20.0}, "total": {"host_ms": 9.0, "device_ms": 60.0}}
+    rows = [{"name": "reference loop x", "kind": "reference loop", "ms": 100.0, "images_per_s": 1280.0, "setup": setup},
+            {"name": "hcd engine x", "kind": "hcd engine", "ms": 50.0, "images_per_s": 2560.0, "vs_reference": 2.0,
+             "hcd_vs_kd": 1.04, "setup": setup, "breakdown": bd}]
+    text = format_step_table(rows)
+    assert text.startswith("step: imagenet/swin_tiny-resnet18.yaml bf16 ZeRO-1")
+    assert "hcd engine x" in text and "2560.0" in text and "2.00" in text and "1.04" in text
+    assert "breakdown of one hcd engine step" in text
+    assert [line.split()[-2:] for line in text.splitlines()[-2:]] == [["1.00", "20.00"], ["9.00", "60.00"]]

@@ -21,19 +21,18 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
         if row["fused_ms"] is not None:  # on CPU only ever the interpreter: no speed claimed from it
             assert row["interpreter"] and row["fused_tflops"] is None and row["fused_gbps"] is None
     assert any(r["interpreter"] for r in res["kernel"])  # tests run with TRITON_INTERPRET=1
-    kinds = {r["kind"] for r in res["step"]}
-    assert kinds == {"hcd engine", "hcd eager", "kd engine"}
-    assert all(r["ms"] > 0 for r in res["step"])
+    assert [r["kind"] for r in res["step"]] == ["reference loop", "hcd engine", "kd engine"]
+    assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in res["step"])
     assert {(r["loader"], r["split"]) for r in res["loader"]} >= {("torch", "train"), ("torch", "val")}
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in res["loader"])
     assert res["complete"] is True
     out = capsys.readouterr().out
-    assert "eag/fus" in out and "vs KD" in out and str(files[0]) in out
+    assert "eag/fus" in out and "HCD/KD" in out and "breakdown of one hcd engine step" in out and str(files[0]) in out
     # --report prints the same tables from the file; a run cut short says so
     from hcd.engine.cli import main
     assert main(["bench", "--report", str(files[0])]) == 0
     again = capsys.readouterr().out
-    assert format_table(res["kernel"]) in again and "vs KD" in again and "incomplete" not in again
+    assert format_table(res["kernel"]) in again and "HCD/KD" in again and "incomplete" not in again
     res["complete"], res["step"] = False, []
     cut = tmp_path / "cut.json"
     cut.write_text(json.dumps(res))
@@ -48,3 +47,17 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
     # parts of the plan are a CUDA notion: refused on CPU rather than silently ignored
     assert main(["bench", "--device", "cpu", "--n", "2", "--out", str(tmp_path)]) == 2
     assert "--dtype/--n" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--only", "kernel,steps", "--out", str(tmp_path)]) == 2
+    assert "--only: steps not among kernel, profile, step, loader" in capsys.readouterr().err
+
+
+def test_bench_only_runs_the_named_sections(tmp_path, monkeypatch, capsys):
+    """--only loader: no kernel, profile or step rows; the file name says which part it holds."""
+    from hcd.engine.bench import loader_rows
+    monkeypatch.setattr(loader_rows, "loader_rows", lambda quick: [{"loader": "torch", "split": "train", "workers": 2,
+                                                                   "images": 8, "images_per_s": 1.0}])
+    assert run_bench(device="cpu", out_dir=str(tmp_path), quick=True, only=["loader"]) == 0
+    (path,) = tmp_path.glob("cpu-*-onlyloader.json")
+    res = json.loads(path.read_text())
+    assert res["kernel"] == [] and res["profile"] == [] and res["step"] == [] and len(res["loader"]) == 1
+    assert "loader torch" in capsys.readouterr().out
