@@ -108,12 +108,21 @@ def _measure(device, quick, on_row, breakdown_steps) -> List[dict]:
 
     add(_row("reference loop", step_ms(reference_step(cfg, images, labels), device, quick), setup))
     release()
-    run = engine_run(cfg, "hcd")
-    ms = step_ms(micro_step_fn(run, images, labels), device, quick)
-    add(_row("hcd engine", ms, setup, step_breakdown(run, images, labels, breakdown_steps)))
-    teacher = run.teacher  # the KD step reuses the prepared (compiled) teacher: one compilation, same model
-    release(run)
+    row, teacher = _engine_row(cfg, setup, images, labels, quick, breakdown_steps)
+    release()  # the engine row's DeepSpeed engine, out of scope now
+    add(row)
+    # the KD step reuses the engine row's prepared (compiled) teacher: the same model, compiled once
     kd = engine_run(cfg, "kd", teacher_fn=teacher)
-    add(_row("kd engine", step_ms(micro_step_fn(kd, images, labels), device, quick), setup))
+    ms = step_ms(micro_step_fn(kd, images, labels), device, quick)
     release(kd)
+    add(_row("kd engine", ms, setup))
     return rows
+
+
+def _engine_row(cfg, setup, images, labels, quick, breakdown_steps):
+    """The engine step's row with its breakdown, and its prepared teacher; the engine is released."""
+    run = engine_run(cfg, "hcd")
+    ms = step_ms(micro_step_fn(run, images, labels), images.device, quick)
+    breakdown = step_breakdown(run, images, labels, breakdown_steps)
+    release(run)
+    return _row("hcd engine", ms, setup, breakdown), run.teacher
