@@ -58,11 +58,16 @@ def run_bench(device: Optional[str] = None, out_dir: str = "runs/bench", quick: 
     result["profile"] = profile_rows(dev) if "profile" in sections else []
     write_json(partial, result)
     if steps and "step" in sections:
-        from hcd.engine.bench.step_rows import step_rows  # timm, DeepSpeed, the trainer: only when steps run
-        _phase("training steps: the reference loop, the engine step (DeepSpeed) and a KD step, each built "
-               "then timed")
-        result["step"] = step_rows(dev, quick=quick, on_row=lambda rows: write_json(partial, dict(result, step=rows)))
-        write_json(partial, result)
+        from hcd.engine.bench import step_rows as sr  # timm, DeepSpeed, the trainer: only when steps run
+        missing = sr.deepspeed_missing()
+        if missing:
+            _phase(f"training steps left out: {missing}")
+        else:
+            _phase("training steps: the reference loop, the engine step (DeepSpeed) and a KD step, each built "
+                   "then timed")
+            result["step"] = sr.step_rows(dev, quick=quick,
+                                          on_row=lambda rows: write_json(partial, dict(result, step=rows)))
+            write_json(partial, result)
     if loader and "loader" in sections and dev.type == "cpu":
         from hcd.engine.bench.loader_rows import loader_rows  # PIL, the data pipelines: only when loaders run
         _phase("loaders: writing a JPEG folder, then one pass of each loader over it")

@@ -10,6 +10,7 @@ Rows report ms per step and images/s; the engine row carries the ratios "engine 
 wait on each other's descheduled partner, 4-5x slower), a check that the path runs, not a speed.
 """
 import contextlib
+import importlib.util
 import statistics
 import time
 from typing import Callable, List, Optional
@@ -21,6 +22,15 @@ from hcd.engine.bench.step_build import (STEP_CONFIG, engine_run, micro_step_fn,
                                          step_config, step_overrides, synthetic_batch)
 
 KINDS = ("reference loop", "hcd engine", "kd engine")
+
+
+def deepspeed_missing() -> Optional[str]:
+    """Why the step rows cannot run here (None: they can): the engine step is DeepSpeed's, and `hcd bench`
+    must still run its other sections on a machine without DeepSpeed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return ("DeepSpeed is not installed, and the engine step is DeepSpeed's (on a GPU session without it: "
+                "bash bench/fetch_wheels.sh here, then carry .whl, as bench/gpu_check.sh does)")
+    return None
 
 
 def step_ms(step: Callable[[], None], device: torch.device, quick: bool = False) -> float:

@@ -74,3 +74,11 @@ def test_step_table_shows_images_per_s_ratios_and_the_breakdown():
     assert "hcd engine x" in text and "2560.0" in text and "2.00" in text and "1.04" in text
     assert "breakdown of one hcd engine step" in text
     assert [line.split()[-2:] for line in text.splitlines()[-2:]] == [["1.00", "20.00"], ["9.00", "60.00"]]
+
+
+def test_step_table_reads_an_earlier_results_file():
+    """Step rows of an earlier hcd bench (no setup config, vs_kd instead of hcd_vs_kd) still print."""
+    rows = [{"name": "hcd engine swin->resnet18@224/B128", "ms": 37.75, "vs_eager": 1.13, "vs_kd": 1.12,
+             "setup": {"teacher": "swin_tiny_patch4_window7_224"}}]
+    lines = format_step_table(rows).splitlines()
+    assert lines[0].startswith("step rows of an earlier hcd bench") and lines[2].split()[-3:] == ["-", "-", "1.12"]

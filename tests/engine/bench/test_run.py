@@ -2,6 +2,8 @@
 (Correctness of the report only: the timings themselves are never asserted.)"""
 import json
 
+import pytest
+
 from hcd.engine.bench import run_bench
 from hcd.engine.bench.report import format_table
 
@@ -49,6 +51,16 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
     assert "--dtype/--n" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--only", "kernel,steps", "--out", str(tmp_path)]) == 2
     assert "--only: steps not among kernel, profile, step, loader" in capsys.readouterr().err
+
+
+def test_bench_without_deepspeed_leaves_the_step_rows_out(tmp_path, monkeypatch, capsys):
+    from hcd.engine.bench import step_rows
+    monkeypatch.setattr(step_rows, "deepspeed_missing", lambda: "DeepSpeed is not installed")
+    monkeypatch.setattr(step_rows, "step_rows", lambda *a, **k: pytest.fail("step rows ran without DeepSpeed"))
+    assert run_bench(device="cpu", out_dir=str(tmp_path), quick=True, only=["step"]) == 0
+    (path,) = tmp_path.glob("cpu-*.json")
+    assert json.loads(path.read_text())["step"] == []
+    assert "training steps left out: DeepSpeed is not installed" in capsys.readouterr().err
 
 
 def test_bench_only_runs_the_named_sections(tmp_path, monkeypatch, capsys):
