@@ -9,7 +9,6 @@ import torch
 
 from hcd.engine import trainer
 from hcd.engine.bench.breakdown import RANGES
-from hcd.engine.bench.kernel_rows import tf32_matmul
 from hcd.engine.bench.step_build import STEP_CONFIG, engine_run, release, step_config
 from hcd.engine.bench.step_rows import KINDS, step_rows
 
@@ -74,9 +73,3 @@ def test_kd_step_has_no_head_parameters():
     finally:
         release(run)
 
-
-def test_tf32_is_scoped_to_the_measurement():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
-    with tf32_matmul():
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
