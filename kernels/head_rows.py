@@ -1,5 +1,5 @@
 """The per-row math of one HCD head, shared by the per-stage kernel (kernels/hcd_head.py) and the one-call
-loss (kernels/hcd_loss.py): for one sample and one stage, the fused sub-logits' CE (label smoothing), KL
+loss (kernels/hcd_step.py): for one sample and one stage, the fused sub-logits' CE (label smoothing), KL
 against the student (temperature) and orthogonality loss, and every dL/dZ, all fp32, one sub-logit group
 (BLOCK_C wide) in registers at a time. Groups are reloaded from Z (L2-resident) instead of held: n groups
 of C floats would not fit in registers at C = 1000.

@@ -28,6 +28,8 @@ MARGIN = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -11, torch.bfloat16: 2 
 HEAD_OUTPUTS = {"loss": None, "ce": None, "kl": None, "ol": None, "dx_s": "x_student", "dx_t": "x_teacher",
                 "dW": "weight", "db": "bias", "dz_t": "teacher_logits", "dz_s": "student_logits"}
 STUDENT_OUTPUTS = {"loss": None, "ce": None, "kd": None, "dz_s": "student_logits", "dz_t": "teacher_logits"}
+# hcd_loss: the loss parts come from its parts dict; the teacher side is frozen there (no dz_t, no dx_t)
+LOSS_OUTPUTS = {"loss": None, "dx_s": "x_students", "dW": "weights", "db": "biases", "dz_s": "student_logits"}
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,29 @@ def run_student(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: floa
     return _collect(STUDENT_OUTPUTS, t, total, parts)
 
 
+def make_loss_inputs(case: Case, stages: int, dtype: torch.dtype, device="cpu") -> dict:
+    """hcd_loss inputs for S stages: stage s's x_student, weight and bias are make_inputs's at seed
+    case.seed + s, stacked to (S, ...) leaves; the teacher side (frozen, whatever the case says), the
+    student logits and the labels are stage 0's."""
+    heads = [make_inputs(replace(case, seed=case.seed + s, teacher_grad=False, frozen_teacher_feature=True), dtype,
+                         device) for s in range(stages)]
+
+    def stacked(name):
+        return None if heads[0][name] is None else torch.stack([h[name].detach() for h in heads]).requires_grad_(True)
+    return {"x_students": stacked("x_student"), "x_teacher": heads[0]["x_teacher"], "weights": stacked("weight"),
+            "biases": stacked("bias"), **{k: heads[0][k] for k in ("teacher_logits", "student_logits", "target")}}
+
+
+def run_loss(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
+    """hcd_loss's total, every part and its gradients, keyed by LOSS_OUTPUTS labels and part names."""
+    from hcd.kernels import hcd_loss
+    t = _fresh(inputs)
+    total, parts = hcd_loss(t["x_students"], t["x_teacher"], t["weights"], t["biases"], t["teacher_logits"],
+                            t["student_logits"], t["target"], cfg, backend=backend)
+    (total * grad_scale).backward()
+    return _collect(LOSS_OUTPUTS, t, total, parts)
+
+
 def _collect(labels: dict, tensors: dict, total, parts) -> dict:
     out = {"loss": total.detach()}
     out.update({k: v.detach() for k, v in parts.items()})
@@ -181,6 +206,17 @@ def check_student(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cp
     ref = run_student(as_float64(inputs), cfg, "eager", grad_scale)
     eager = run_student(inputs, cfg, "eager", grad_scale)
     ours = run_student(inputs, cfg, backend, grad_scale)
+    return compare(ours, eager, ref, dtype)
+
+
+def check_loss(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cpu", backend="triton",
+               grad_scale: float = 1.0, stages: int = 2) -> list:
+    """Rows of the tolerance rule for hcd_loss over `stages` heads of this case (n from the case)."""
+    cfg = replace(cfg, n_sublogits=case.n)
+    inputs = make_loss_inputs(case, stages, dtype, device)
+    ref = run_loss(as_float64(inputs), cfg, "eager", grad_scale)
+    eager = run_loss(inputs, cfg, "eager", grad_scale)
+    ours = run_loss(inputs, cfg, backend, grad_scale)
     return compare(ours, eager, ref, dtype)
 
 
