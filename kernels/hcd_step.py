@@ -148,14 +148,16 @@ class _HCDLoss(torch.autograd.Function):
         ctx.save_for_backward(x_s, x_t, weights, dz if need_dz else None, dzl)
         ctx.bias_dtype = biases.dtype if biases is not None else None
         ctx.logits_dtype = z_s.dtype
-        # 3. one reduction; only the total is differentiable (see kernels/hcd_head.py on why several outputs)
-        values = partials.sum((0, 1)).unbind(0)
-        ctx.mark_non_differentiable(*values[1:])
+        # 3. one reduction, handed out as two outputs: the total (differentiable) and the parts (not), so the
+        # backward gets the total's gradient as is (see kernels/hcd_head.py)
+        sums = partials.sum((0, 1))
+        total, parts = sums[0], sums[1:]
+        ctx.mark_non_differentiable(parts)
         ctx.set_materialize_grads(False)
-        return values
+        return total, parts
 
     @staticmethod
-    def backward(ctx, g, *_parts):
+    def backward(ctx, g, _parts):
         x_s, x_t, weights, dz, dzl = ctx.saved_tensors
         need = ctx.needs_input_grad
         if g is None:
@@ -186,5 +188,5 @@ def hcd_loss_triton(x_students, x_teacher, weights, biases, teacher_logits, stud
         return total, [v.detach() for v in values]
     if not isinstance(x_students, torch.Tensor):
         x_students = torch.stack(tuple(x_students))
-    total, *values = _HCDLoss.apply(x_students, *args[1:])
-    return total, values
+    total, parts = _HCDLoss.apply(x_students, *args[1:])
+    return total, parts.unbind(0)
