@@ -278,3 +278,19 @@ def test_frozen_teacher_rule_only_while_autograd_records():
     with torch.no_grad():
         total, _ = _call(t, HCDLossConfig(n_sublogits=2), "eager")
     assert torch.isfinite(total)
+
+
+def test_compile_backend_matches_eager():
+    case, cfg = Case(B=4, C=7, n=2, Dp=4, Dt=3), HCDLossConfig(n_sublogits=2)
+    inputs = make_loss_inputs(case, 2, torch.float64)
+    a, b = _leaves(inputs), _leaves(inputs)
+    total_e, parts_e = _call(a, cfg, "eager")
+    total_c, parts_c = _call(b, cfg, "compile")
+    total_e.backward()
+    total_c.backward()
+    torch.testing.assert_close(total_c, total_e, rtol=1e-12, atol=0)
+    assert parts_c.keys() == parts_e.keys()
+    for k in parts_e:
+        torch.testing.assert_close(parts_c[k], parts_e[k], rtol=1e-12, atol=1e-15, msg=k)
+    for k in GRADS:
+        torch.testing.assert_close(b[k].grad, a[k].grad, rtol=1e-12, atol=1e-15, msg=k)
