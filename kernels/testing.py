@@ -112,22 +112,26 @@ def _fresh(inputs: dict) -> dict:
                 else t) for k, t in inputs.items()}
 
 
+def _run(loss_fn, names, labels, inputs, cfg, backend, grad_scale) -> dict:
+    """loss_fn(*inputs[names], cfg) on fresh leaves: its total, parts and the gradients of grad_scale * total,
+    keyed by the labels (an input without a gradient has no entry)."""
+    t = _fresh({k: inputs[k] for k in names})
+    total, parts = loss_fn(*(t[k] for k in names), cfg, backend=backend)
+    (total * grad_scale).backward()
+    return _collect(labels, t, total, parts)
+
+
 def run_head(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     """Loss parts and gradients of grad_scale * total, keyed by HEAD_OUTPUTS labels (missing = no grad)."""
     from hcd.kernels import hcd_head_loss
-    t = _fresh(inputs)
-    total, parts = hcd_head_loss(t["x_student"], t["x_teacher"], t["weight"], t["bias"], t["teacher_logits"],
-                                 t["student_logits"], t["target"], cfg, backend=backend)
-    (total * grad_scale).backward()
-    return _collect(HEAD_OUTPUTS, t, total, parts)
+    names = ("x_student", "x_teacher", "weight", "bias", "teacher_logits", "student_logits", "target")
+    return _run(hcd_head_loss, names, HEAD_OUTPUTS, inputs, cfg, backend, grad_scale)
 
 
 def run_student(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     from hcd.kernels import student_loss
-    t = _fresh({k: inputs[k] for k in ("student_logits", "teacher_logits", "target")})
-    total, parts = student_loss(t["student_logits"], t["teacher_logits"], t["target"], cfg, backend=backend)
-    (total * grad_scale).backward()
-    return _collect(STUDENT_OUTPUTS, t, total, parts)
+    names = ("student_logits", "teacher_logits", "target")
+    return _run(student_loss, names, STUDENT_OUTPUTS, inputs, cfg, backend, grad_scale)
 
 
 def make_loss_inputs(case: Case, stages: int, dtype: torch.dtype, device="cpu") -> dict:
@@ -146,11 +150,8 @@ def make_loss_inputs(case: Case, stages: int, dtype: torch.dtype, device="cpu") 
 def run_loss(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     """hcd_loss's total, every part and its gradients, keyed by LOSS_OUTPUTS labels and part names."""
     from hcd.kernels import hcd_loss
-    t = _fresh(inputs)
-    total, parts = hcd_loss(t["x_students"], t["x_teacher"], t["weights"], t["biases"], t["teacher_logits"],
-                            t["student_logits"], t["target"], cfg, backend=backend)
-    (total * grad_scale).backward()
-    return _collect(LOSS_OUTPUTS, t, total, parts)
+    names = ("x_students", "x_teacher", "weights", "biases", "teacher_logits", "student_logits", "target")
+    return _run(hcd_loss, names, LOSS_OUTPUTS, inputs, cfg, backend, grad_scale)
 
 
 def _collect(labels: dict, tensors: dict, total, parts) -> dict:

@@ -58,6 +58,20 @@ def check_student_inputs(student_logits, teacher_logits, target):
     check_target(target, student_logits.shape[0], student_logits.shape[1], device)
 
 
+def _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device):
+    """The inputs every head shares: x_teacher (B, Dt), both logits (B, C); returns (Dt, C)."""
+    _check_float("x_teacher", x_teacher, dtype, device)
+    if x_teacher.dim() != 2 or x_teacher.shape[0] != B:
+        raise ValueError(f"x_teacher: expected shape ({B}, Dt), got {tuple(x_teacher.shape)}")
+    _check_float("teacher_logits", teacher_logits, dtype, device)
+    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
+        raise ValueError(f"teacher_logits: expected shape ({B}, C), got {tuple(teacher_logits.shape)}")
+    C = teacher_logits.shape[1]
+    _check_float("student_logits", student_logits, dtype, device)
+    _check_shape("student_logits", student_logits, (B, C))
+    return x_teacher.shape[1], C
+
+
 def check_head_inputs(x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg):
     """Validate hcd_head_loss inputs; returns (B, C, n, Dp, Dt)."""
     _check_float("x_student", x_student, None, None)
@@ -65,16 +79,7 @@ def check_head_inputs(x_student, x_teacher, weight, bias, teacher_logits, studen
         raise ValueError(f"x_student: expected 2-D (B, Dp), got shape {tuple(x_student.shape)}")
     dtype, device = x_student.dtype, x_student.device
     B, Dp = x_student.shape
-    _check_float("x_teacher", x_teacher, dtype, device)
-    if x_teacher.dim() != 2 or x_teacher.shape[0] != B:
-        raise ValueError(f"x_teacher: expected shape ({B}, Dt), got {tuple(x_teacher.shape)}")
-    Dt = x_teacher.shape[1]
-    _check_float("teacher_logits", teacher_logits, dtype, device)
-    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
-        raise ValueError(f"teacher_logits: expected shape ({B}, C), got {tuple(teacher_logits.shape)}")
-    C = teacher_logits.shape[1]
-    _check_float("student_logits", student_logits, dtype, device)
-    _check_shape("student_logits", student_logits, (B, C))
+    Dt, C = _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device)
     n = cfg.n_sublogits
     _check_weight("weight", weight, dtype, device)
     if weight.dim() != 2:
@@ -96,16 +101,8 @@ def check_loss_inputs(x_students, x_teacher, weights, biases, teacher_logits, st
     The teacher side is frozen in hcd_loss (see hcd.kernels.hcd_step): a teacher input that requires grad
     while autograd records is refused rather than silently given no gradient."""
     S, B, Dp, dtype, device = _check_stages(x_students)
-    _check_float("x_teacher", x_teacher, dtype, device)
-    if x_teacher.dim() != 2 or x_teacher.shape[0] != B:
-        raise ValueError(f"x_teacher: expected shape ({B}, Dt), got {tuple(x_teacher.shape)}")
-    _check_float("teacher_logits", teacher_logits, dtype, device)
-    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
-        raise ValueError(f"teacher_logits: expected shape ({B}, C), got {tuple(teacher_logits.shape)}")
-    C = teacher_logits.shape[1]
-    _check_float("student_logits", student_logits, dtype, device)
-    _check_shape("student_logits", student_logits, (B, C))
-    N, D = cfg.n_sublogits * C, Dp + x_teacher.shape[1]
+    Dt, C = _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device)
+    N, D = cfg.n_sublogits * C, Dp + Dt
     _check_weight("weights", weights, dtype, device)
     if tuple(weights.shape) != (S, N, D):
         raise ValueError(f"weights: expected shape (S, n_sublogits*C, Dp+Dt) = ({S}, {N}, {D}), "
