@@ -76,13 +76,14 @@ def test_eager_matches_the_per_stage_calls_in_float64(name):
             torch.testing.assert_close(got_t[k].grad, want_t[k].grad, rtol=1e-12, atol=1e-14, msg=k)
 
 
-def test_a_sequence_of_stages_equals_the_stacked_tensor():
+@pytest.mark.parametrize("backend, dtype", [("eager", torch.float64), ("triton", torch.float32)])
+def test_a_sequence_of_stages_equals_the_stacked_tensor(backend, dtype):
     case, cfg = Case(B=5, C=7, n=2, Dp=4, Dt=3), HCDLossConfig(n_sublogits=2)
-    inputs = make_loss_inputs(case, 3, torch.float64)
+    inputs = make_loss_inputs(case, 3, dtype, DEVICE)
     a, b = _leaves(inputs), _leaves(inputs)
-    total_a, parts_a = _call(a, cfg, "eager")
+    total_a, parts_a = _call(a, cfg, backend)
     b_list = dict(b, x_students=list(b["x_students"].unbind(0)))
-    total_b, parts_b = _call(b_list, cfg, "eager")
+    total_b, parts_b = _call(b_list, cfg, backend)
     total_a.backward()
     total_b.backward()
     assert list(parts_a) == ["ce", "kd", "sce", "skl", "ol", "sce1", "sce2", "sce3", "skl1", "skl2", "skl3",
