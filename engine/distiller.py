@@ -1,14 +1,15 @@
-"""The HCD module: a projector and a CFM per used student stage, and the calls into kernels.*.
+"""The HCD module: a projector and a CFM per used student stage, and one call into kernels.hcd_loss.
 
 The frozen teacher is not part of this module (it is run beside it, so DeepSpeed never wraps, partitions or
 converts it): the trainer passes the teacher's (f_t, z_t) into forward.
 """
+import math
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
+from hcd.kernels import HCDLossConfig, hcd_loss
 
 
 def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -38,7 +39,7 @@ def projector_width(d_s: int, d_t: int) -> int:
 
 def head_input_widths(d_s: int, d_t: int, cfm_hidden: Optional[int] = None) -> Tuple[int, int]:
     """The widths of the fused head's (x_student, x_teacher) for a student / teacher pair: (D_p, D_t), or
-    (cfm_hidden, 0) with a hidden CFM layer, whose activations mix both (see CFM.kernel_inputs)."""
+    (cfm_hidden, 0) with a hidden CFM layer, whose activations mix both (see HCDDistiller.forward)."""
     return (cfm_hidden, 0) if cfm_hidden else (projector_width(d_s, d_t), d_t)
 
 
@@ -61,25 +62,15 @@ class Projector(nn.Module):
         return self.pool(self.body(x)).flatten(1)
 
 
-class CFM(nn.Module):
-    """Complementary Feature Mapper: concat(h_i, f_t) -> n*C logits. The (last) Linear is not applied here:
-    its weight and bias go to kernels.hcd_head_loss, which fuses it with the losses."""
-
-    def __init__(self, d_p: int, d_t: int, num_classes: int, n: int, hidden: Optional[int] = None):
-        super().__init__()
-        self.hidden = None
-        d_in = d_p + d_t
-        if hidden:
-            self.hidden = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True))
-            d_in = hidden
-        self.out = nn.Linear(d_in, n * num_classes)
-
-    def kernel_inputs(self, h: torch.Tensor, f_t: torch.Tensor):
-        """(x_student, x_teacher) for hcd_head_loss: the Linear's input split into its two column ranges."""
-        if self.hidden is None:
-            return h, f_t
-        z = self.hidden(torch.cat([h, f_t], dim=1))
-        return z, z[:, :0]  # the hidden layer mixes both: everything is "x_student", x_teacher is empty
+def linear_init_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """nn.Linear's default initialisation (kaiming-uniform with a = sqrt(5), bias uniform in +-1/sqrt(fan_in))
+    of one (out, in) weight and its bias, drawing the same random numbers in the same order as nn.Linear."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias is not None:
+            fan_in = weight.shape[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(bias, -bound, bound)
 
 
 class DistillOutput(NamedTuple):
@@ -106,25 +97,31 @@ class HCDDistiller(nn.Module):
         d_p = projector_width(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(
             Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
-        self.cfms = nn.ModuleList(
-            CFM(d_p, teacher_dim, num_classes, loss_cfg.n_sublogits, cfm_hidden) for _ in self.stages)
+        # The CFMs (docs/method.md, Modules: CFM). Their output Linears of all stages are one (S, n*C, D)
+        # weight and one (S, n*C) bias, read by the fused loss as they are; with head.cfm_hidden each stage
+        # keeps its own hidden Linear + ReLU in front (D = H then). Initialised stage by stage exactly as the
+        # per-stage nn.Linear layers were (same draws, same order: hidden layer, then output layer).
+        n_out, d_in = loss_cfg.n_sublogits * num_classes, cfm_hidden or d_p + teacher_dim
+        self.cfm_weight = nn.Parameter(torch.empty(len(self.stages), n_out, d_in))
+        self.cfm_bias = nn.Parameter(torch.empty(len(self.stages), n_out))
+        hidden = []
+        for s in range(len(self.stages)):
+            if cfm_hidden:
+                hidden.append(nn.Sequential(nn.Linear(d_p + teacher_dim, cfm_hidden), nn.ReLU(inplace=True)))
+            linear_init_(self.cfm_weight[s], self.cfm_bias[s])
+        self.cfm_hidden = nn.ModuleList(hidden) if cfm_hidden else None
 
     def forward(self, images, target, f_t, z_t) -> DistillOutput:
         logits, feats = self.student(images)
         dtype = logits.dtype
-        z_t = z_t.to(dtype)
-        total, parts = student_loss(logits, z_t, target, self.loss_cfg, backend=self.backend)
-        sums = {"sce": 0.0, "skl": 0.0, "ol": 0.0}
-        for stage, feat, proj, cfm in zip(self.stages, feats, self.projectors, self.cfms):
-            x_s, x_t = cfm.kernel_inputs(proj(feat), f_t.to(dtype))
-            w, b = cfm.out.weight, cfm.out.bias
-            head_total, head = hcd_head_loss(x_s.to(dtype), x_t.to(dtype), w, b, z_t, logits, target,
-                                             self.loss_cfg, backend=self.backend)
-            total = total + head_total
-            for key, name in (("sce", "ce"), ("skl", "kl"), ("ol", "ol")):
-                parts[f"{key}{stage}"] = head[name]
-                sums[key] = sums[key] + head[name]
-        parts.update(sums)
+        f_t, z_t = f_t.to(dtype), z_t.to(dtype)
+        h = [proj(feat) for proj, feat in zip(self.projectors, feats)]
+        if self.cfm_hidden is not None:  # the hidden layer mixes both: it is all "x_student", x_teacher is empty
+            h = [layer(torch.cat([x.to(dtype), f_t], dim=1)) for layer, x in zip(self.cfm_hidden, h)]
+            f_t = f_t[:, :0]
+        x_s = torch.stack(h).to(dtype)  # (S, B, D_p or H): one copy, one cast at most
+        total, parts = hcd_loss(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
+                                backend=self.backend, stages=self.stages)
         return DistillOutput(logits=logits, loss=total, parts=parts)
 
 

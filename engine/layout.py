@@ -42,11 +42,30 @@ def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--
         if key != "parameters" and key in saved and saved[key] != value:
             raise ConfigError(f"{flag}: {key} is {value} but {folder} was written with {saved[key]}; {why}")
     if "parameters" in now and "parameters" in saved:
+        older = older_layout(saved["parameters"], now["parameters"])
+        if older:
+            raise ConfigError(f"{flag}: {folder} was written by an older hcd, {older}; resume or evaluate it with "
+                              f"the hcd version that wrote it{hint}")
         diff = parameter_differences(saved["parameters"], now["parameters"])
         if diff:
             more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
             raise ConfigError(f"{flag}: this config builds another model than {folder} holds: {'; '.join(diff[:2])}"
                               f"{more}; model.*, head.* and loss.n_sublogits must be the run's{hint}")
+
+
+# Parameters this version names differently from older ones: a checkpoint without them was written by an older
+# hcd, not with another config (its names may already be filtered to this model's: see with_legacy_shapes).
+RENAMED_PARAMETERS = {"cfm_weight": "which kept one CFM output Linear per stage (cfms.K.out.weight/.bias) where "
+                                    "this version stacks them into cfm_weight/cfm_bias"}
+
+
+def older_layout(saved: dict, now: dict) -> str:
+    """What an older hcd named differently, when this model has a renamed parameter the checkpoint lacks."""
+    for new, what in RENAMED_PARAMETERS.items():
+        here = any(k == new or k.endswith("." + new) for k in now)
+        if here and not any(k == new or k.endswith("." + new) for k in saved):
+            return what
+    return ""
 
 
 def with_legacy_shapes(saved: Optional[dict], ckpt_dir: Path, tag: str, params: dict) -> Optional[dict]:

@@ -1,4 +1,5 @@
-"""The HCD losses behind one API: hcd_head_loss (one stage's head) and student_loss (CE + KD).
+"""The HCD losses behind one API: hcd_loss (the whole step: every stage's head and the student terms, the
+engine's path), hcd_head_loss (one stage's head) and student_loss (CE + KD).
 
 backend: "eager" (hcd.kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
 functions), "triton" (the fused kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto"
@@ -9,6 +10,8 @@ never asks for them (the teacher is frozen). The kernels compute them only when 
 (a constexpr branch of each row kernel, the x_teacher columns of the head's dX GEMM), so they cost nothing
 otherwise; they are kept so that every backend returns every input's gradient (the API contract) and so
 that tests/kernels and `hcd verify` check the fused kernels against the reference's full gradient.
+hcd_loss, the engine's one call, has no such path: it refuses a teacher_logits or x_teacher that requires
+grad (a ValueError naming it, on every backend), so its kernels never carry teacher-gradient code.
 """
 import functools
 import importlib
@@ -18,9 +21,9 @@ import torch
 
 from hcd.kernels import reference
 from hcd.kernels.config import HCDLossConfig
-from hcd.kernels.validation import check_head_inputs, check_student_inputs
+from hcd.kernels.validation import check_head_inputs, check_loss_inputs, check_student_inputs
 
-__all__ = ["hcd_head_loss", "student_loss", "HCDLossConfig", "BACKENDS", "resolve_backend"]
+__all__ = ["hcd_loss", "hcd_head_loss", "student_loss", "HCDLossConfig", "BACKENDS", "resolve_backend"]
 
 BACKENDS = ("auto", "eager", "compile", "triton")
 
@@ -94,3 +97,38 @@ def student_loss(student_logits, teacher_logits, target, cfg: HCDLossConfig, bac
         from hcd.kernels.student import student_loss_triton
         total, ce, kd = student_loss_triton(*args)
     return total, _parts(ce, kd, "kd")
+
+
+def hcd_loss(x_students, x_teacher, weights, biases, teacher_logits, student_logits, target, cfg: HCDLossConfig,
+             backend: str = "auto", stages=None):
+    """The whole loss of docs/method.md (Losses, Total) in one call: S stages' heads and the student terms,
+    total = ce_weight*(L_ce + sum_i L_sce,i) + kd_weight*L_kd + sublogit_kl_weight*sum_i L_skl,i
+    + ol_weight*sum_i L_ol,i.
+
+    x_students: an (S, B, Dp) tensor or a sequence of S (B, Dp) tensors; x_teacher (B, Dt), Dt may be 0;
+    weights (S, n*C, Dp+Dt) (nn.Linear layout per stage, columns [0:Dp] multiply x_students[s]); biases
+    (S, n*C) or None; teacher/student logits (B, C); target (B,) int64. The teacher side is frozen: a
+    teacher_logits or x_teacher that requires grad is a ValueError. stages: the stage numbers that name
+    the per-stage parts (default 1..S). Returns (total, parts) with parts detached 0-dim tensors: the
+    unweighted "ce", "kd", "sce", "skl", "ol" (stage terms summed over the stages) and per stage
+    "sce<i>", "skl<i>", "ol<i>".
+    """
+    S = check_loss_inputs(x_students, x_teacher, weights, biases, teacher_logits, student_logits, target, cfg,
+                          stages)
+    args = (x_students, x_teacher, weights, biases, teacher_logits, student_logits, target, cfg)
+    backend = resolve_backend(backend, x_teacher.device)
+    if backend == "triton":
+        from hcd.kernels.hcd_step import hcd_loss_triton
+        total, values = hcd_loss_triton(*args)
+    else:
+        fn = reference.hcd_loss_eager if backend == "eager" else _compiled(reference.hcd_loss_eager)
+        total, values = fn(*args)
+        values = [v.detach() for v in values]
+    return total, dict(zip(loss_part_names(tuple(stages) if stages is not None else S), values))
+
+
+@functools.lru_cache(maxsize=None)
+def loss_part_names(stages) -> tuple:
+    """hcd_loss's part names, in the order of its values: stages is a tuple of stage numbers or a count S."""
+    stages = tuple(range(1, stages + 1)) if isinstance(stages, int) else stages
+    return ("ce", "kd", "sce", "skl", "ol") + tuple(f"{term}{i}" for term in ("sce", "skl", "ol") for i in stages)

@@ -31,3 +31,13 @@ def smoothed_ce(x, mask, is_y, eps, C):
     nll = log_s + (m - tl.sum(tl.where(is_y, x, 0.0), axis=0))  # parenthesised: keep log_s
     smooth = log_s + tl.sum(tl.where(mask, m - x, 0.0), axis=0) / C
     return (1.0 - eps) * nll + eps * smooth, m, e, s, log_s
+
+
+@triton.jit
+def row_label(y_ptr, row, C, offs):
+    """(valid, is_y) of one row's class label: an out-of-range label (unchecked on CUDA) never indexes
+    memory; it is clamped into [0, C) and `valid` is False, so the caller can NaN the row's CE."""
+    y = tl.load(y_ptr + row)
+    valid = (y >= 0) & (y < C)
+    is_y = offs == tl.minimum(tl.maximum(y, 0), C - 1)
+    return valid, is_y

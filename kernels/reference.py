@@ -95,3 +95,15 @@ def student_loss_eager(student_logits, teacher_logits, target, cfg):
     ce = smoothed_ce_rows(zs, target, cfg.label_smoothing).mean()
     kd = kl_rows(zt, zs, cfg.kd_temperature).mean()
     return cfg.ce_weight * ce + cfg.kd_weight * kd, ce, kd
+
+
+def hcd_loss_eager(x_students, x_teacher, weights, biases, teacher_logits, student_logits, target, cfg):
+    """The whole loss of docs/method.md (Losses, Total) from the per-stage and student references:
+    (total, [ce, kd, sce, skl, ol, sce_1..S, skl_1..S, ol_1..S]), stage terms summed over the S stages.
+    x_students (S, B, Dp) or a sequence of S (B, Dp); weights (S, n*C, Dp+Dt); biases (S, n*C) or None."""
+    total, ce, kd = student_loss_eager(student_logits, teacher_logits, target, cfg)
+    stage_terms = [hcd_head_parts(x_students[s], x_teacher, weights[s], None if biases is None else biases[s],
+                                  teacher_logits, student_logits, target, cfg) for s in range(len(x_students))]
+    sce, skl, ol = (list(terms) for terms in zip(*stage_terms))
+    total = total + cfg.ce_weight * sum(sce) + cfg.sublogit_kl_weight * sum(skl) + cfg.ol_weight * sum(ol)
+    return total, [ce, kd, sum(sce), sum(skl), sum(ol), *sce, *skl, *ol]

@@ -14,25 +14,14 @@ import triton
 import triton.language as tl
 
 from hcd.kernels import reference
-from hcd.kernels._common import smoothed_ce, softmax_stats
+from hcd.kernels._common import row_label, smoothed_ce, softmax_stats
 from hcd.kernels.launch import next_pow2, row_num_warps
 
 
 @triton.jit
-def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
-                        B, C, eps, inv_T, T, w_ce, w_kd,
-                        TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * C must not overflow for large B*C
-    offs = tl.arange(0, BLOCK)
-    mask = offs < C
-    base = row * C
-    zs = tl.load(zs_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    zt = tl.load(zt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row)
-    # Out-of-range labels (unchecked on CUDA) never index memory: clamp, and NaN the row's CE below.
-    valid = (y >= 0) & (y < C)
-    is_y = offs == tl.minimum(tl.maximum(y, 0), C - 1)
-
+def student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T, T, w_ce, w_kd, TEACHER_GRAD: tl.constexpr):
+    """One row's (ce, kd, g_s, g_t): CE_eps(z_s, y) (NaN for an invalid label), T^2 KL(p_t || q_s), and
+    w_ce dCE/dz_s + w_kd dKD/dz_s, w_kd dKD/dz_t (zeros unless TEACHER_GRAD), all fp32."""
     ce, m, e, s, log_s = smoothed_ce(zs, mask, is_y, eps, C)
     ce = tl.where(valid, ce, float("nan"))
     g_ce = (e / s - (1.0 - eps) * is_y.to(tl.float32) - eps / C) * tl.where(valid, w_ce, 0.0)
@@ -48,11 +37,29 @@ def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
     kl = tl.sum(tl.where(mask, p * log_ratio, 0.0), axis=0)
     kd = T * T * kl
 
-    # d(T^2 KL)/dz_s = T (q - p); d/dz_t = T p (log p - log q - KL). w_* already hold weight / B.
+    # d(T^2 KL)/dz_s = T (q - p); d/dz_t = T p (log p - log q - KL).
     g_s = g_ce + (w_kd * T) * (q - p)
-    tl.store(dz_ptr + base + offs, g_s, mask=mask)
+    g_t = tl.zeros_like(g_s)
     if TEACHER_GRAD:
         g_t = (w_kd * T) * p * (log_ratio - kl)
+    return ce, kd, g_s, g_t
+
+
+@triton.jit
+def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
+                        B, C, eps, inv_T, T, w_ce, w_kd,
+                        TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * C must not overflow for large B*C
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    base = row * C
+    zs = tl.load(zs_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    zt = tl.load(zt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    valid, is_y = row_label(y_ptr, row, C, offs)
+    # w_* already hold weight / B
+    ce, kd, g_s, g_t = student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T, T, w_ce, w_kd, TEACHER_GRAD)
+    tl.store(dz_ptr + base + offs, g_s, mask=mask)
+    if TEACHER_GRAD:
         tl.store(dz_ptr + B * C + base + offs, g_t, mask=mask)
 
     inv_B = 1.0 / B

@@ -28,6 +28,8 @@ MARGIN = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -11, torch.bfloat16: 2 
 HEAD_OUTPUTS = {"loss": None, "ce": None, "kl": None, "ol": None, "dx_s": "x_student", "dx_t": "x_teacher",
                 "dW": "weight", "db": "bias", "dz_t": "teacher_logits", "dz_s": "student_logits"}
 STUDENT_OUTPUTS = {"loss": None, "ce": None, "kd": None, "dz_s": "student_logits", "dz_t": "teacher_logits"}
+# hcd_loss: the loss parts come from its parts dict; the teacher side is frozen there (no dz_t, no dx_t)
+LOSS_OUTPUTS = {"loss": None, "dx_s": "x_students", "dW": "weights", "db": "biases", "dz_s": "student_logits"}
 
 
 @dataclass(frozen=True)
@@ -110,22 +112,46 @@ def _fresh(inputs: dict) -> dict:
                 else t) for k, t in inputs.items()}
 
 
+def _run(loss_fn, names, labels, inputs, cfg, backend, grad_scale) -> dict:
+    """loss_fn(*inputs[names], cfg) on fresh leaves: its total, parts and the gradients of grad_scale * total,
+    keyed by the labels (an input without a gradient has no entry)."""
+    t = _fresh({k: inputs[k] for k in names})
+    total, parts = loss_fn(*(t[k] for k in names), cfg, backend=backend)
+    (total * grad_scale).backward()
+    return _collect(labels, t, total, parts)
+
+
 def run_head(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     """Loss parts and gradients of grad_scale * total, keyed by HEAD_OUTPUTS labels (missing = no grad)."""
     from hcd.kernels import hcd_head_loss
-    t = _fresh(inputs)
-    total, parts = hcd_head_loss(t["x_student"], t["x_teacher"], t["weight"], t["bias"], t["teacher_logits"],
-                                 t["student_logits"], t["target"], cfg, backend=backend)
-    (total * grad_scale).backward()
-    return _collect(HEAD_OUTPUTS, t, total, parts)
+    names = ("x_student", "x_teacher", "weight", "bias", "teacher_logits", "student_logits", "target")
+    return _run(hcd_head_loss, names, HEAD_OUTPUTS, inputs, cfg, backend, grad_scale)
 
 
 def run_student(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
     from hcd.kernels import student_loss
-    t = _fresh({k: inputs[k] for k in ("student_logits", "teacher_logits", "target")})
-    total, parts = student_loss(t["student_logits"], t["teacher_logits"], t["target"], cfg, backend=backend)
-    (total * grad_scale).backward()
-    return _collect(STUDENT_OUTPUTS, t, total, parts)
+    names = ("student_logits", "teacher_logits", "target")
+    return _run(student_loss, names, STUDENT_OUTPUTS, inputs, cfg, backend, grad_scale)
+
+
+def make_loss_inputs(case: Case, stages: int, dtype: torch.dtype, device="cpu") -> dict:
+    """hcd_loss inputs for S stages: stage s's x_student, weight and bias are make_inputs's at seed
+    case.seed + s, stacked to (S, ...) leaves; the teacher side (frozen, whatever the case says), the
+    student logits and the labels are stage 0's."""
+    heads = [make_inputs(replace(case, seed=case.seed + s, teacher_grad=False, frozen_teacher_feature=True), dtype,
+                         device) for s in range(stages)]
+
+    def stacked(name):
+        return None if heads[0][name] is None else torch.stack([h[name].detach() for h in heads]).requires_grad_(True)
+    return {"x_students": stacked("x_student"), "x_teacher": heads[0]["x_teacher"], "weights": stacked("weight"),
+            "biases": stacked("bias"), **{k: heads[0][k] for k in ("teacher_logits", "student_logits", "target")}}
+
+
+def run_loss(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float = 1.0) -> dict:
+    """hcd_loss's total, every part and its gradients, keyed by LOSS_OUTPUTS labels and part names."""
+    from hcd.kernels import hcd_loss
+    names = ("x_students", "x_teacher", "weights", "biases", "teacher_logits", "student_logits", "target")
+    return _run(hcd_loss, names, LOSS_OUTPUTS, inputs, cfg, backend, grad_scale)
 
 
 def _collect(labels: dict, tensors: dict, total, parts) -> dict:
@@ -181,6 +207,17 @@ def check_student(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cp
     ref = run_student(as_float64(inputs), cfg, "eager", grad_scale)
     eager = run_student(inputs, cfg, "eager", grad_scale)
     ours = run_student(inputs, cfg, backend, grad_scale)
+    return compare(ours, eager, ref, dtype)
+
+
+def check_loss(case: Case, cfg: HCDLossConfig, dtype: torch.dtype, device="cpu", backend="triton",
+               grad_scale: float = 1.0, stages: int = 2) -> list:
+    """Rows of the tolerance rule for hcd_loss over `stages` heads of this case (n from the case)."""
+    cfg = replace(cfg, n_sublogits=case.n)
+    inputs = make_loss_inputs(case, stages, dtype, device)
+    ref = run_loss(as_float64(inputs), cfg, "eager", grad_scale)
+    eager = run_loss(inputs, cfg, "eager", grad_scale)
+    ours = run_loss(inputs, cfg, backend, grad_scale)
     return compare(ours, eager, ref, dtype)
 
 

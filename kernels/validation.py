@@ -21,6 +21,13 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
 
 
+def _check_weight(name, weight, dtype, device):
+    """Parameters may stay float32 (master weights under autocast) while activations are 16-bit."""
+    _check_float(name, weight, None, device)
+    if weight.dtype not in (dtype, torch.float32) or (dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise ValueError(f"{name}: dtype {weight.dtype} must be {dtype} or float32 for {dtype} activations")
+
+
 def check_target(target, batch, num_classes, device):
     """Labels: (B,) int64 on the same device; the range is checked on CPU only (no host sync on CUDA).
 
@@ -51,6 +58,20 @@ def check_student_inputs(student_logits, teacher_logits, target):
     check_target(target, student_logits.shape[0], student_logits.shape[1], device)
 
 
+def _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device):
+    """The inputs every head shares: x_teacher (B, Dt), both logits (B, C); returns (Dt, C)."""
+    _check_float("x_teacher", x_teacher, dtype, device)
+    if x_teacher.dim() != 2 or x_teacher.shape[0] != B:
+        raise ValueError(f"x_teacher: expected shape ({B}, Dt), got {tuple(x_teacher.shape)}")
+    _check_float("teacher_logits", teacher_logits, dtype, device)
+    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
+        raise ValueError(f"teacher_logits: expected shape ({B}, C), got {tuple(teacher_logits.shape)}")
+    C = teacher_logits.shape[1]
+    _check_float("student_logits", student_logits, dtype, device)
+    _check_shape("student_logits", student_logits, (B, C))
+    return x_teacher.shape[1], C
+
+
 def check_head_inputs(x_student, x_teacher, weight, bias, teacher_logits, student_logits, target, cfg):
     """Validate hcd_head_loss inputs; returns (B, C, n, Dp, Dt)."""
     _check_float("x_student", x_student, None, None)
@@ -58,21 +79,9 @@ def check_head_inputs(x_student, x_teacher, weight, bias, teacher_logits, studen
         raise ValueError(f"x_student: expected 2-D (B, Dp), got shape {tuple(x_student.shape)}")
     dtype, device = x_student.dtype, x_student.device
     B, Dp = x_student.shape
-    _check_float("x_teacher", x_teacher, dtype, device)
-    if x_teacher.dim() != 2 or x_teacher.shape[0] != B:
-        raise ValueError(f"x_teacher: expected shape ({B}, Dt), got {tuple(x_teacher.shape)}")
-    Dt = x_teacher.shape[1]
-    _check_float("teacher_logits", teacher_logits, dtype, device)
-    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
-        raise ValueError(f"teacher_logits: expected shape ({B}, C), got {tuple(teacher_logits.shape)}")
-    C = teacher_logits.shape[1]
-    _check_float("student_logits", student_logits, dtype, device)
-    _check_shape("student_logits", student_logits, (B, C))
+    Dt, C = _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device)
     n = cfg.n_sublogits
-    # Parameters may stay float32 (master weights under autocast) while activations are 16-bit.
-    _check_float("weight", weight, None, device)
-    if weight.dtype not in (dtype, torch.float32) or (dtype == torch.float64) != (weight.dtype == torch.float64):
-        raise ValueError(f"weight: dtype {weight.dtype} must be {dtype} or float32 for {dtype} activations")
+    _check_weight("weight", weight, dtype, device)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D (n*C, Dp+Dt), got shape {tuple(weight.shape)}")
     if weight.shape[0] != n * C:
@@ -84,3 +93,49 @@ def check_head_inputs(x_student, x_teacher, weight, bias, teacher_logits, studen
         _check_shape("bias", bias, (n * C,))
     check_target(target, B, C, device)
     return B, C, n, Dp, Dt
+
+
+def check_loss_inputs(x_students, x_teacher, weights, biases, teacher_logits, student_logits, target, cfg, stages):
+    """Validate hcd_loss inputs (attribute reads only, plus the label range on CPU); returns S.
+
+    The teacher side is frozen in hcd_loss (see hcd.kernels.hcd_step): a teacher input that requires grad
+    while autograd records is refused rather than silently given no gradient."""
+    S, B, Dp, dtype, device = _check_stages(x_students)
+    Dt, C = _check_teacher_and_logits(x_teacher, teacher_logits, student_logits, B, dtype, device)
+    N, D = cfg.n_sublogits * C, Dp + Dt
+    _check_weight("weights", weights, dtype, device)
+    if tuple(weights.shape) != (S, N, D):
+        raise ValueError(f"weights: expected shape (S, n_sublogits*C, Dp+Dt) = ({S}, {N}, {D}), "
+                         f"got {tuple(weights.shape)}")
+    if biases is not None:
+        _check_float("biases", biases, weights.dtype, device)
+        _check_shape("biases", biases, (S, N))
+    if stages is not None and len(stages) != S:
+        raise ValueError(f"stages: {len(stages)} names for {S} stages")
+    if torch.is_grad_enabled():
+        for name, t in (("x_teacher", x_teacher), ("teacher_logits", teacher_logits)):
+            if t.requires_grad:
+                raise ValueError(f"{name}: requires grad, but hcd_loss treats the teacher as frozen and returns "
+                                 "no teacher gradient; pass it detached (hcd_head_loss and student_loss do "
+                                 "return teacher gradients)")
+    check_target(target, B, C, device)
+    return S
+
+
+def _check_stages(x_students):
+    """(S, B, Dp, dtype, device) of an (S, B, Dp) tensor or a sequence of S equal-shaped (B, Dp) tensors."""
+    if isinstance(x_students, torch.Tensor):
+        _check_float("x_students", x_students, None, None)
+        if x_students.dim() != 3 or x_students.shape[0] == 0:
+            raise ValueError(f"x_students: expected (S, B, Dp) with S >= 1, got shape {tuple(x_students.shape)}")
+        return (*x_students.shape, x_students.dtype, x_students.device)
+    if not isinstance(x_students, (list, tuple)) or not x_students:
+        raise ValueError("x_students: expected an (S, B, Dp) tensor or a non-empty sequence of (B, Dp) tensors")
+    first = x_students[0]
+    _check_float("x_students[0]", first, None, None)
+    if first.dim() != 2:
+        raise ValueError(f"x_students[0]: expected 2-D (B, Dp), got shape {tuple(first.shape)}")
+    for i, t in enumerate(x_students[1:], 1):
+        _check_float(f"x_students[{i}]", t, first.dtype, first.device)
+        _check_shape(f"x_students[{i}]", t, first.shape)
+    return (len(x_students), *first.shape, first.dtype, first.device)

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from hcd.engine.distiller import HCDDistiller, Projector, head_input_widths, projector_channels
+from hcd.engine.distiller import HCDDistiller, Projector, head_input_widths, projector_channels, projector_width
 from hcd.engine.errors import ModelError
 from hcd.engine.models import build_student, build_teacher, feature_widths, load_state_dict_file, norm_stats
-from hcd.kernels import HCDLossConfig
+from hcd.kernels import HCDLossConfig, hcd_loss
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
 
@@ -104,7 +104,10 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 
 @pytest.mark.parametrize("student,stages,hidden", [("resnet18", (1, 2, 3, 4), None),
                                                    ("mobilenetv2_100", (2, 4), 32)])
-def test_distiller_forward_backward(student, stages, hidden):
+def test_distiller_forward_backward(student, stages, hidden, monkeypatch):
+    import hcd.engine.distiller as distiller
+    calls = []
+    monkeypatch.setattr(distiller, "hcd_loss", lambda *a, **kw: calls.append(a) or hcd_loss(*a, **kw))
     torch.manual_seed(0)
     t, s = _pair(student, stages)
     cfg = HCDLossConfig(n_sublogits=3, sublogit_kl_weight=2.0, ol_weight=0.5, kd_weight=0.7)
@@ -130,9 +133,54 @@ def test_distiller_forward_backward(student, stages, hidden):
     assert all(p.grad is None for p in t.parameters())
     for k, v in t.state_dict().items():
         assert torch.equal(v, before[k]), k  # BN statistics and weights untouched
-    # the fused head's input widths are what head_input_widths says (the benchmarks' shapes rely on it)
-    x_s, x_t = model.cfms[0].kernel_inputs(model.projectors[0](s(x)[1][0]), f_t)
-    assert (x_s.shape[1], x_t.shape[1]) == head_input_widths(s.feature_dim, t.feature_dim, hidden)
+    # one loss call per step, reading the stacked CFM weights as they are; its input widths are what
+    # head_input_widths says (the benchmarks' shapes rely on it)
+    assert len(calls) == 1
+    x_s, x_t, weights, biases = calls[0][:4]
+    d_x, d_t = head_input_widths(s.feature_dim, t.feature_dim, hidden)
+    assert x_s.shape == (len(stages), 4, d_x) and x_t.shape == (4, d_t)
+    assert weights is model.cfm_weight and biases is model.cfm_bias and weights.shape == (len(stages), 21, d_x + d_t)
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_cfm_weights_start_as_the_per_stage_linears_did(hidden):
+    """The stacked CFM output weights draw nn.Linear's default init, stage by stage, in the order the per-stage
+    nn.Linear layers did (after the projectors; a hidden layer before its stage's output layer): the same seed
+    gives the same initial values as before the stacking, bit for bit."""
+    t, s = _pair("resnet18", (3, 4))
+    torch.manual_seed(0)
+    model = HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(n_sublogits=2), cfm_hidden=hidden)
+    torch.manual_seed(0)
+    d_p = projector_width(s.feature_dim, t.feature_dim)
+    [Projector(stage, c, d_p) for stage, c in zip(s.stages, s.stage_channels)]
+    for i in range(2):
+        if hidden:
+            layer = torch.nn.Linear(d_p + t.feature_dim, hidden)
+            assert torch.equal(model.cfm_hidden[i][0].weight, layer.weight)
+        out = torch.nn.Linear(hidden or d_p + t.feature_dim, 2 * 7)
+        assert torch.equal(model.cfm_weight[i], out.weight) and torch.equal(model.cfm_bias[i], out.bias), i
+
+
+def test_a_checkpoint_with_per_stage_cfm_layers_is_named_as_older_in_one_line(tmp_path):
+    """A checkpoint written before the CFM output weights were stacked (cfms.K.out.*) is refused as an older
+    hcd's, not as another config's: with the names as saved, and as recovered for checkpoints whose layout
+    predates kept shapes (filtered to this model's names by with_legacy_shapes)."""
+    from hcd.engine.config import ConfigError
+    from hcd.engine.layout import check_layout, parameter_shapes
+    t, s = _pair("resnet18", (3, 4))
+    now = parameter_shapes(HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(n_sublogits=2)))
+    old = {k: v for k, v in now.items() if not k.startswith("cfm_")}
+    for i in range(2):
+        old.update({f"cfms.{i}.out.weight": [14, 560], f"cfms.{i}.out.bias": [14]})
+    for saved in (old, {k: v for k, v in old.items() if k in now}):
+        with pytest.raises(ConfigError) as err:
+            check_layout({"parameters": saved}, {"parameters": now}, tmp_path, "--checkpoint", hint="; or else")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"--checkpoint: {tmp_path} was written by an older hcd")
+        assert "cfms.K.out" in message and "cfm_weight" in message and message.endswith("; or else")
+    # a checkpoint of this version with another n is still another config's model
+    with pytest.raises(ConfigError, match="cfm_weight is \\(2, 14, 560\\) here, \\(2, 20, 560\\) in the checkpoint"):
+        check_layout({"parameters": dict(now, cfm_weight=[2, 20, 560])}, {"parameters": now}, tmp_path)
 
 
 def test_feature_widths_without_weights():

@@ -292,7 +292,7 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
     shapes = layout.pop("parameters")
     assert layout == {"world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
                       "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd"}
-    assert shapes["cfms.0.out.weight"] == [4 * 5, 512 + 48]  # n*C x (Dp + Dt): ResNet18 512, tiny ViT 48
+    assert shapes["cfm_weight"] == [2, 4 * 5, 512 + 48]  # S x n*C x (Dp + Dt): ResNet18 512, tiny ViT 48
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     for command, needle in (
             ([*args, "--resume", "--set", "train.grad_accum=2"], "--resume: train.grad_accum is 2 but"),
@@ -308,14 +308,14 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, err
         assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # config.yaml too
-    assert "cfms.0.out.weight is (10, 560) here, (20, 560) in the checkpoint" in err
+    assert "cfm_weight is (2, 10, 560) here, (2, 20, 560) in the checkpoint" in err
     # a checkpoint written before layout.json kept the shapes: recovered from DeepSpeed's model-states file
     (ckpt / tag / "layout.json").write_text(json.dumps(layout))
     for command in ([*args, "--resume", "--set", "loss.n_sublogits=2"],
                     ["eval", "--config", cfg, "--checkpoint", str(ckpt), "--set", "loss.n_sublogits=2"]):
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
-        assert "\n" not in err and "cfms.0.out.weight is (10, 560) here, (20, 560) in the checkpoint" in err, err
+        assert "\n" not in err and "cfm_weight is (2, 10, 560) here, (2, 20, 560) in the checkpoint" in err, err
     # a lost `latest` pointer: resume says which step folders exist; a fresh run still refuses the folder
     (ckpt / "latest").unlink()
     assert main([*args, "--resume"]) == 2

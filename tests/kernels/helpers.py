@@ -7,12 +7,12 @@ adds the confident-row check that both the reference's and the fused kernels' te
 import torch
 
 from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
-from hcd.kernels.testing import (MARGIN, Case, as_float64, check_head, check_student, compare, failures,
-                                 format_rows, make_inputs, run_head, run_student)
+from hcd.kernels.testing import (MARGIN, Case, as_float64, check_head, check_loss, check_student, compare, failures,
+                                 format_rows, make_inputs, make_loss_inputs, run_head, run_student)
 from hcd.kernels.reference import hcd_head_loss_eager, student_loss_eager  # the references
 
-__all__ = ["MARGIN", "Case", "as_float64", "check_head", "check_student", "compare", "failures", "format_rows",
-           "make_inputs", "run_head", "run_student", "hcd_head_loss_eager", "student_loss_eager", "assert_rows_ok",
+__all__ = ["MARGIN", "Case", "as_float64", "check_head", "check_loss", "check_student", "compare", "failures",
+           "format_rows", "make_inputs", "make_loss_inputs", "run_head", "run_student", "hcd_head_loss_eager", "student_loss_eager", "assert_rows_ok",
            "CONFIDENT_RTOL", "confident_row_errors"]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = {"alpha_s", "alpha_t", "eps", "inv_T", "T", "theta", "w_ce", "w_kl", "w_ol", "w_kd", "ce_weight",
-          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs", "inv_B", "alpha"}
+          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs", "inv_B", "alpha", "inv_T_kd", "T_kd", "w_ce_s", "w_kd_s"}
 
 
 def compile_all():
@@ -29,6 +29,7 @@ def compile_all():
         return
     from hcd.kernels.gemm import _TILES_16, _TILES_32, _gemm_kernel
     from hcd.kernels.hcd_head import _head_row_kernel
+    from hcd.kernels.hcd_step import _dz_sum_kernel, _loss_row_kernel
     from hcd.kernels.student import _student_row_kernel
 
     def build(fn, pointers, consts, num_warps):
@@ -42,6 +43,11 @@ def compile_all():
         build(_head_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": "*i64",
                                  "dz_ptr": f"*{act}", "dzl_ptr": "*fp32", "loss_ptr": "*fp32"},
               dict(KL_TARGET_GRAD=True, TEACHER_GRAD=True, WRITE_DZ=True, BLOCK_C=1024, BLOCK_N=4), 8)
+        for detach in (False, True):
+            build(_loss_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": "*i64",
+                                     "dz_ptr": "*fp32", "dzl_ptr": "*fp32", "part_ptr": "*fp32"},
+                  dict(KL_TARGET_GRAD=not detach, WRITE_DZ=True, BLOCK_C=1024, BLOCK_N=4, BLOCK_K=32), 8)
+        build(_dz_sum_kernel, {"buf_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": f"*{act}"}, dict(BLOCK=1024), 4)
         build(_student_row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": "*i64", "dz_ptr": "*fp32",
                                     "loss_ptr": "*fp32"}, dict(TEACHER_GRAD=True, BLOCK=1024), 4)
         bm, bn, bk, warps = (_TILES_32 if act == "fp32" else _TILES_16)[0]

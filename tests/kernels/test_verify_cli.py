@@ -23,6 +23,10 @@ def test_verify_quick_cli_on_cpu(tmp_path):
     for output in ("loss", "dx_s", "dx_t", "dW", "db", "dz_s"):
         assert any(l.split()[3:4] == [output] and l.split()[2] == "float16" for l in lines), output
     assert "FAIL" not in out.stdout and "all outputs pass" in out.stdout
+    # the one-call loss: its parts per stage and its gradients, at the first shape in both dtypes
+    for dtype in ("float32", "float16"):
+        assert {l.split()[3] for l in lines if l.split()[1:3] == ["hcd_loss", dtype]} >= {"loss", "skl2", "dx_s", "dW",
+                                                                                           "db", "dz_s"}, dtype
     # the JSON record holds the same rows as the table, with the versions that produced them
     rec = json.loads(record.read_text())
     table = [l for l in lines if l.split()[-1:] == ["ok"] or "ok  (" in l]
