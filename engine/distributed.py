@@ -159,8 +159,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
 
 class EngineModule(torch.nn.Module):
     """What DeepSpeed wraps: the distiller, returning a plain tuple (loss, logits, parts) that ZeRO-3's
-    hooks can see into, with the CFMs' output Linears (used by the fused loss, not called as modules)
-    registered as external parameters so ZeRO-3 gathers them for forward and backward."""
+    hooks can see into. The CFM output weights (cfm_weight, cfm_bias) are direct parameters of the distiller,
+    so ZeRO-3 gathers them with its forward like any module's (tests/engine/test_distributed.py)."""
 
     def __init__(self, distiller):
         super().__init__()
@@ -169,11 +169,6 @@ class EngineModule(torch.nn.Module):
     @property
     def student(self):
         return self.distiller.student
-
-    def register_zero3_external(self):
-        """Nothing to register: the CFM output weights are direct parameters of the distiller (cfm_weight,
-        cfm_bias), so ZeRO-3 gathers them with the distiller's own forward and backward hooks like any module's
-        parameters (tests/engine/test_distributed.py checks ZeRO-3 against ZeRO-0 with every one partitioned)."""
 
     def forward(self, images, target, f_t, z_t):
         out = self.distiller(images, target, f_t, z_t)
@@ -205,8 +200,6 @@ def build_engine(cfg: Config, distiller, d: Dist, lr_lambda=None):
     scheduler = None if lr_lambda is None else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module), config=ds_config,
                                            lr_scheduler=scheduler, dist_init_required=False)
-    if cfg.deepspeed.zero_stage == 3:
-        module.register_zero3_external()
     match_buffers(engine)
     return engine
 
