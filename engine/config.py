@@ -13,6 +13,8 @@ import yaml
 from hcd.engine.config_tree import ConfigError, build, merge, parse_override, set_dotted
 from hcd.kernels.config import HCDLossConfig
 
+METHODS = ("hcd", "ofa", "dkd", "dist", "kd", "ce")  # docs/method.md, Baselines
+
 
 @dataclass
 class ModelConfig:
@@ -51,6 +53,49 @@ class HeadConfig:
     stages: list = field(default_factory=lambda: [1, 2, 3, 4])   # S: student stages with a CFM head
     cfm_hidden: Optional[int] = None   # None: one Linear; H: Linear -> ReLU -> Linear(H -> n*C)
     backend: Literal["auto", "eager", "compile", "triton"] = "auto"
+
+
+@dataclass(frozen=True)
+class DKDConfig:
+    """DKD (Zhao et al. 2022): alpha*TCKD + beta*NCKD at temperature T, weighted min((epoch+1)/warmup, 1).
+    Defaults: the reference code's CIFAR-100 setting; its ImageNet setting is alpha 0.5, beta 0.5, T 1, warm-up 1."""
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup_epochs: float = 20.0
+
+
+@dataclass(frozen=True)
+class DISTConfig:
+    """DIST (Huang et al. 2022): T^2 * (beta * inter-class + gamma * intra-class relation loss).
+    Defaults: ImageNet; CIFAR-100 uses beta = gamma = 2, T = 4."""
+    beta: float = 1.0
+    gamma: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class OFAConfig:
+    """OFA-KD (Hao et al. 2023): a projector + Linear to C logits per used stage, each stage's logits and the
+    student's trained with -sum_c ((p_t + 1_y)^eps - 1_y)_c log p_s,c."""
+    eps: float = 1.0                      # eps of every stage's loss
+    stage_eps: Optional[list] = None      # one eps per used stage (head.stages order), overriding eps
+    logits_eps: float = 1.0               # eps of the loss on the student's own logits
+    temperature: float = 1.0
+    weight: float = 1.0                   # the OFA terms' weight (the CE keeps loss.ce_weight)
+
+
+@dataclass(frozen=True)
+class LossConfig(HCDLossConfig):
+    """HCD's fields (hcd.kernels.HCDLossConfig: ce_weight and label_smoothing are every method's CE, kd_weight
+    and kd_temperature KD's) and one section per baseline."""
+    dkd: DKDConfig = field(default_factory=DKDConfig)
+    dist: DISTConfig = field(default_factory=DISTConfig)
+    ofa: OFAConfig = field(default_factory=OFAConfig)
+
+    def hcd(self) -> HCDLossConfig:
+        """The HCD fields alone (what the kernels take)."""
+        return HCDLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HCDLossConfig)})
 
 
 @dataclass
@@ -103,10 +148,11 @@ class DeepSpeedConfig:
 class Config:
     seed: int = 0
     out: str = "runs/default"
+    method: Literal["hcd", "ofa", "dkd", "dist", "kd", "ce"] = "hcd"   # what distils (docs/method.md, Baselines)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    loss: HCDLossConfig = field(default_factory=HCDLossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -149,6 +195,16 @@ def validate(cfg: Config):
          and list(cfg.head.stages) == sorted(set(cfg.head.stages)),
          "head.stages", f"must be distinct integers in 1..4 in increasing order (the student returns its stage "
          f"features in network order), got {cfg.head.stages}")
+    o = cfg.loss.ofa
+    need(o.stage_eps is None or (len(o.stage_eps) == len(cfg.head.stages) and all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in o.stage_eps)),
+         "loss.ofa.stage_eps", f"must be null or one number > 0 per head.stages entry ({len(cfg.head.stages)}), "
+         f"got {o.stage_eps}")
+    for section, name in (("dkd", "temperature"), ("dist", "temperature"), ("ofa", "temperature"), ("ofa", "eps"),
+                          ("ofa", "logits_eps")):
+        value = getattr(getattr(cfg.loss, section), name)
+        need(value > 0, f"loss.{section}.{name}", f"must be > 0, got {value}")
+    need(cfg.loss.dkd.warmup_epochs >= 0, "loss.dkd.warmup_epochs", "must be >= 0")
     need(cfg.head.cfm_hidden is None or cfg.head.cfm_hidden >= 1, "head.cfm_hidden", "must be >= 1 or null")
     need(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -140,6 +140,6 @@ def build_distiller(cfg, device, rank: int = 0):
     mean, std = norm_stats(student.model)
     teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
                             student_mean=mean, student_std=std).to(device)
-    distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.stages,
+    distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
                              cfg.head.cfm_hidden, cfg.head.backend)
     return teacher, distiller, mean, std
