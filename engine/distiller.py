@@ -81,7 +81,13 @@ class DistillOutput(NamedTuple):
 
 
 class HCDDistiller(nn.Module):
-    """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput."""
+    """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput.
+
+    The contract every method keeps (engine/methods): `student`, `projectors` (compiled by train.compile),
+    `uses_teacher` (false: the trainer skips the teacher's forward and passes None), set_epoch(epoch) at the
+    start of every epoch (0-based; for methods whose weights follow the epoch), forward -> DistillOutput."""
+
+    uses_teacher = True
 
     def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg: HCDLossConfig,
                  stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto"):
@@ -111,6 +117,9 @@ class HCDDistiller(nn.Module):
             linear_init_(self.cfm_weight[s], self.cfm_bias[s])
         self.cfm_hidden = nn.ModuleList(hidden) if cfm_hidden else None
 
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
     def forward(self, images, target, f_t, z_t) -> DistillOutput:
         logits, feats = self.student(images)
         dtype = logits.dtype
@@ -126,8 +135,8 @@ class HCDDistiller(nn.Module):
 
 
 def build_distiller(cfg, device, rank: int = 0):
-    """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the student with a
-    projector and CFM per stage (identical initial weights on every rank), the student's normalisation."""
+    """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the module of
+    cfg.method around the student (identical initial weights on every rank), the student's normalisation."""
     from hcd.engine.models import build_student, build_teacher, norm_stats
     m = cfg.model
     if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
@@ -135,11 +144,19 @@ def build_distiller(cfg, device, rank: int = 0):
               "randomly initialised, and distilling from it teaches nothing (train.teacher_epochs is used by "
               "`hcd demo` only)", flush=True)
     torch.manual_seed(cfg.seed)
-    student = build_student(m.student, m.num_classes, cfg.head.stages, m.student_checkpoint, m.pretrained,
-                            m.student_kwargs)
+    staged = cfg.method in ("hcd", "ofa")  # the logit methods need no stage features
+    student = build_student(m.student, m.num_classes, cfg.head.stages if staged else [], m.student_checkpoint,
+                            m.pretrained, m.student_kwargs)
     mean, std = norm_stats(student.model)
     teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
                             student_mean=mean, student_std=std).to(device)
-    distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
-                             cfg.head.cfm_hidden, cfg.head.backend)
+    if cfg.method == "hcd":
+        distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
+                                 cfg.head.cfm_hidden, cfg.head.backend)
+    elif cfg.method == "ofa":
+        from hcd.engine.methods.ofa import OFADistiller
+        distiller = OFADistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.backend)
+    else:
+        from hcd.engine.methods.logits import LogitDistiller
+        distiller = LogitDistiller(student, cfg.method, cfg.loss, cfg.head.backend)
     return teacher, distiller, mean, std

@@ -93,8 +93,9 @@ def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int
     full = _load_optimizer_too(cfg, saved, d, ckpt_dir / tag)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
     shapes = parameter_shapes(distiller)
-    check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag,
-                 "--checkpoint", hint="; the run's exported student.safetensors evaluates under any head settings")
+    check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"method": cfg.method, "parameters": shapes},
+                 ckpt_dir / tag, "--checkpoint", why="evaluate a checkpoint with its run's config (RUN/config.yaml)",
+                 hint="; the run's exported student.safetensors evaluates under any head settings")
     _, val_loader = build_run_loaders(cfg, mean, std, d)
     engine = build_engine(cfg, distiller, d)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not full,
