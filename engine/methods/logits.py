@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from hcd.engine.distiller import DistillOutput
 from hcd.kernels import dist_loss, dkd_loss, student_loss
+from hcd.kernels.reference import compute_dtype
 
 
 def smoothed_ce(logits, target, label_smoothing: float):
-    """CE_eps(z, y) in fp32 whatever the logits' dtype (docs/method.md, Numerics)."""
-    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    """CE_eps(z, y) in fp32 for 16-bit logits (docs/method.md, Numerics; float64 stays float64)."""
+    return F.cross_entropy(logits.to(compute_dtype(logits)), target, label_smoothing=label_smoothing)
 
 
 def dkd_warmup(epoch: int, warmup_epochs: float) -> float:
