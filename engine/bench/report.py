@@ -62,27 +62,25 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _loss_target_line(r: dict) -> str:
+    s, d = r["shape"], r.get("device_ms") or {}
+    return (f"{'loss':10} {s['B']:>4} {s['C']:>5} {s['n']:>2} {s['Dp']:>4} {s['Dt']:>4} {r['dtype']:5} "
+            f"{_fmt(d.get('triton')):>7} {_fmt(r.get('floor_ms'), '.4f'):>7} "
+            f"{_fmt(r.get('fused_over_floor'), '.2f'):>7} {_fmt(d.get('compile')):>7} "
+            f"{_fmt(r.get('compile_over_fused'), '.2f'):>7} {_fmt((r.get('device_tf32_ms') or {}).get('compile')):>8} "
+            f"{_fmt(r.get('compile_tf32_over_fused'), '.2f'):>7}")
+
+
 def format_loss_targets(rows: List[dict]) -> str:
     """The whole-loss rows measured on a GPU against issue 14's targets, device time (CUDA-graph replay):
     fused <= 2x its device-time floor, torch.compile of the reference loss >= 2x fused (IEEE and TF32)."""
-    rows = [r for r in rows if r["kernel"] == "loss" and "device_ms" in r]
-    if not rows:
-        return ""
     head = (f"{'whole loss':10} {'B':>4} {'C':>5} {'n':>2} {'Dp':>4} {'Dt':>4} {'dtype':5} {'g.fused':>7} {'floor':>7} "
             f"{'fus/flr':>7} {'g.comp':>7} {'cmp/fus':>7} {'g.c.tf32':>8} {'ctf/fus':>7}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        s, d = r["shape"], r.get("device_ms") or {}
-        lines.append(f"{'loss':10} {s['B']:>4} {s['C']:>5} {s['n']:>2} {s['Dp']:>4} {s['Dt']:>4} {r['dtype']:5} "
-                     f"{_fmt(d.get('triton')):>7} {_fmt(r.get('floor_ms'), '.4f'):>7} "
-                     f"{_fmt(r.get('fused_over_floor'), '.2f'):>7} {_fmt(d.get('compile')):>7} "
-                     f"{_fmt(r.get('compile_over_fused'), '.2f'):>7} "
-                     f"{_fmt((r.get('device_tf32_ms') or {}).get('compile')):>8} "
-                     f"{_fmt(r.get('compile_tf32_over_fused'), '.2f'):>7}")
-    lines.append("issue 14 targets, device ms per call (CUDA-graph replay): fus/flr <= 2 (floor: the cost model at "
-                 "the card's peak FLOP/s and bandwidth, engine/bench/roofline.py), cmp/fus and ctf/fus >= 2 "
-                 "(torch.compile of the reference loss, IEEE fp32 / TF32 allowed: fp32 rows only)")
-    return "\n".join(lines)
+    body = [_loss_target_line(r) for r in rows if r["kernel"] == "loss" and "device_ms" in r]
+    note = ("issue 14 targets, device ms per call (CUDA-graph replay): fus/flr <= 2 (floor: the cost model at the "
+            "card's peak FLOP/s and bandwidth, engine/bench/roofline.py), cmp/fus and ctf/fus >= 2 (torch.compile "
+            "of the reference loss, IEEE fp32 / TF32 allowed: fp32 rows only)")
+    return "\n".join([head, "-" * len(head), *body, note]) if body else ""
 
 
 def _launch_label(x: dict) -> str:

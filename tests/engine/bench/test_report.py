@@ -1,5 +1,6 @@
 """The tables of a results JSON: which numbers go where, and what is left out of the ratios."""
-from hcd.engine.bench.report import format_loss_targets, format_profile, format_step_table, format_table, format_tf32_table
+from hcd.engine.bench.report import (format_loss_targets, format_profile, format_step_table, format_table,
+                                    format_tf32_table)
 
 
 def test_table_leaves_interpreter_rows_out_of_ratios():
