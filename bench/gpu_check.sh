@@ -5,6 +5,9 @@
 #   steps   150 s  hcd bench --quick --only step: the real trainer step (trainer._micro_step on the DeepSpeed
 #                  engine of configs/imagenet/swin_tiny-resnet18.yaml: Swin-T -> ResNet18, 224 px, B=128, bf16,
 #                  ZeRO-1) against the reference loop a user would write and a KD step, with a breakdown
+#   graph    60 s  bench/graph_check.py --engine: train.cuda_graph_loss (the loss replayed from CUDA graphs)
+#                  against the plain call, the same steps from the same start: hcd_loss alone at the headline
+#                  shape (SGD, 2 micro-batches per step) and the trainer step above; losses and ms per step
 #   train   15 + 170 s  `hcd train` smoke: the same config on a generated folder of noise JPEGs (10 classes x
 #                  64, 256 px), random teacher (no checkpoint: a smoke run needs none), torch loader, 60 steps
 #                  of B=32, one worker per core: images/s and a falling loss from metrics.jsonl
@@ -14,8 +17,8 @@
 # The GPU machine has PyTorch, Triton and timm but neither DeepSpeed nor a network: DeepSpeed's wheel and its
 # missing pure-Python dependencies travel in .whl/ (bench/fetch_wheels.sh writes them on a machine with pip
 # access) and are installed into /tmp/site first. With the device tool: carry [".whl"], command
-# `bash bench/gpu_check.sh`. Logs and JSON go to $OUT (log.txt, verify.json, steps.json, kernels.json,
-# metrics.jsonl: the tool brings back at most 8 files) or bench/results; the tables are printed last.
+# `bash bench/gpu_check.sh`. Logs and JSON go to $OUT (log.txt, verify.json, steps.json, graph.json,
+# kernels.json, metrics.jsonl: the tool brings back at most 8 files) or bench/results; the tables are printed last.
 #   HCD_COMMIT=<short hash> bash bench/gpu_check.sh      (HCD_COMMIT names the commit where .git did not travel)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +70,7 @@ keep_json() { local f; for f in "$1"/*.json; do [ -f "$f" ] && cp "$f" "$dest/$2
 phase verify 75 $PY -m hcd.engine.cli verify --quick --json "$dest/verify.json"
 phase steps 150 $PY -m hcd.engine.cli bench --quick --only step --out "$work/steps"
 keep_json "$work/steps" steps.json
+phase graph 60 $PY bench/graph_check.py --engine --json "$dest/graph.json"
 phase train_data 15 $PY bench/train_smoke.py data "$work/jpegs"
 phase train 170 $PY -m hcd.engine.cli train --config configs/imagenet/swin_tiny-resnet18.yaml --out "$work/run" \
   --set model.num_classes=10 --set "data.root=$work/jpegs" --set data.loader=torch --set train.max_steps=60 \
@@ -79,7 +83,7 @@ keep_json "$work/kernels" kernels.json
 report() { [ -f "$dest/$1" ] && $PY -m hcd.engine.cli bench --report "$dest/$1" 2>&1 || echo "(no $1)"; }
 echo "== machine"; cat "$work/machine.txt"
 echo "== phases (total $SECONDS s)"
-for name in verify steps train_data train kernels; do echo "$name: ${status[$name]:-not run}"; done
+for name in verify steps graph train_data train kernels; do echo "$name: ${status[$name]:-not run}"; done
 echo "== hcd verify --quick"
 grep -E "FAIL|all outputs|error|Error" "$work/verify.txt" 2>/dev/null | tail -n 20 || echo "(no verdict: see log.txt)"
 echo "== kernel rows (hcd bench --quick --only kernel,profile)"; report kernels.json | tail -n 60
@@ -87,4 +91,6 @@ echo "== hcd train smoke: configs/imagenet/swin_tiny-resnet18.yaml, 10 classes o
 tr '\r' '\n' < "$work/train.txt" 2>/dev/null | grep -E "val top-1|^stopped|^done|error|Error" | tail -n 12
 [ -f "$work/run/metrics.jsonl" ] && $PY bench/train_smoke.py table "$work/run"
 echo "== step rows (hcd bench --quick --only step)"; report steps.json
-for name in verify steps train_data train kernels; do [[ "${status[$name]:-}" == "exit 0 "* ]] || exit 1; done
+echo "== train.cuda_graph_loss: captured vs plain loss (bench/graph_check.py)"
+grep -v -E "^\s*$" "$work/graph.txt" 2>/dev/null | tail -n 12 || echo "(no graph check output)"
+for name in verify steps graph train_data train kernels; do [[ "${status[$name]:-}" == "exit 0 "* ]] || exit 1; done

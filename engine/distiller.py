@@ -100,6 +100,7 @@ class HCDDistiller(nn.Module):
         self.loss_cfg = loss_cfg
         self.stages = list(student.stages)
         self.backend = backend
+        self.loss_fn = hcd_loss  # hcd_loss's signature; train.cuda_graph_loss replays it from CUDA graphs
         d_p = projector_width(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(
             Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
@@ -129,7 +130,7 @@ class HCDDistiller(nn.Module):
             h = [layer(torch.cat([x.to(dtype), f_t], dim=1)) for layer, x in zip(self.cfm_hidden, h)]
             f_t = f_t[:, :0]
         x_s = torch.stack(h).to(dtype)  # (S, B, D_p or H): one copy, one cast at most
-        total, parts = hcd_loss(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
+        total, parts = self.loss_fn(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
                                 backend=self.backend, stages=self.stages)
         return DistillOutput(logits=logits, loss=total, parts=parts)
 
