@@ -40,16 +40,25 @@ def _log_at(a, is_y, m, log_s):
 
 
 @triton.jit
-def _dkd_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr, C, inv_T, T, w_tc, w_nc, BLOCK: tl.constexpr):
-    """w_tc = alpha / B, w_nc = beta / B. TCKD over the binary (target, other) probabilities in log space;
-    its gradient w.r.t. a_s is (b_s,o - b_t,o) * (q_s,c off the target, -1 at it), q_s the non-target softmax,
-    so nothing goes through 1 - p_y. NCKD is the KL of the -1000-masked rows: gradient q' - p'."""
+def _labelled_rows(zs_ptr, zt_ptr, y_ptr, C, inv_T, BLOCK: tl.constexpr):
+    """_load_row with the row's label and the softmax statistics DKD and OFA share: (row, offs, mask, base,
+    valid, is_y, a_s, a_t, m_s, log_s_s, m_t, log_s_t, q_s, lbo_s, lbo_t), q and lbo from other_mass."""
     row, offs, mask, base, a_s, a_t = _load_row(zs_ptr, zt_ptr, C, inv_T, BLOCK)
     valid, is_y = row_label(y_ptr, row, C, offs)
     m_s, e_s, s_s, log_s_s = softmax_stats(a_s, mask)
     m_t, e_t, s_t, log_s_t = softmax_stats(a_t, mask)
     q_s, lbo_s = other_mass(a_s, mask, is_y, m_s, log_s_s)
-    q_t, lbo_t = other_mass(a_t, mask, is_y, m_t, log_s_t)
+    _, lbo_t = other_mass(a_t, mask, is_y, m_t, log_s_t)
+    return row, offs, mask, base, valid, is_y, a_s, a_t, m_s, log_s_s, m_t, log_s_t, q_s, lbo_s, lbo_t
+
+
+@triton.jit
+def _dkd_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr, C, inv_T, T, w_tc, w_nc, BLOCK: tl.constexpr):
+    """w_tc = alpha / B, w_nc = beta / B. TCKD over the binary (target, other) probabilities in log space;
+    its gradient w.r.t. a_s is (b_s,o - b_t,o) * (q_s,c off the target, -1 at it), q_s the non-target softmax,
+    so nothing goes through 1 - p_y. NCKD is the KL of the -1000-masked rows: gradient q' - p'."""
+    row, offs, mask, base, valid, is_y, a_s, a_t, m_s, log_s_s, m_t, log_s_t, q_s, lbo_s, lbo_t = \
+        _labelled_rows(zs_ptr, zt_ptr, y_ptr, C, inv_T, BLOCK)
     lby_s = _log_at(a_s, is_y, m_s, log_s_s)
     lby_t = _log_at(a_t, is_y, m_t, log_s_t)
     bo_s = tl.exp(lbo_s)
@@ -78,12 +87,8 @@ def _ofa_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr, C, inv_T, eps, inv_
     -sum w log p_s. d/da_s = p_s W - w with W = sum w = 1 + D, D = sum (w - p_t) (exactly 0 for eps = 1), is
     written as (p_s - w) + p_s D, and at a target with p_s,y > 1/2 as (b_t,o - b_s,o) + sum_{c!=y}(w - p_t)
     - b_s,o D (b_o = 1 - p_y from other_mass): nothing cancels when the student matches the teacher or p_y -> 1."""
-    row, offs, mask, base, a_s, a_t = _load_row(zs_ptr, zt_ptr, C, inv_T, BLOCK)
-    valid, is_y = row_label(y_ptr, row, C, offs)
-    m_s, e_s, s_s, log_s_s = softmax_stats(a_s, mask)
-    m_t, e_t, s_t, log_s_t = softmax_stats(a_t, mask)
-    _, lbo_s = other_mass(a_s, mask, is_y, m_s, log_s_s)
-    _, lbo_t = other_mass(a_t, mask, is_y, m_t, log_s_t)
+    row, offs, mask, base, valid, is_y, a_s, a_t, m_s, log_s_s, m_t, log_s_t, _, lbo_s, lbo_t = \
+        _labelled_rows(zs_ptr, zt_ptr, y_ptr, C, inv_T, BLOCK)
     off = mask & (is_y == 0)
     logp_s = tl.where(mask, (a_s - m_s) - log_s_s, 0.0)
     logp_t = tl.where(mask, (a_t - m_t) - log_s_t, 0.0)
