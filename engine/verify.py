@@ -4,9 +4,9 @@ Losses: one stage's head, the student terms, hcd_loss, and the baselines dkd / d
 student gradient, teacher frozen). CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32
 and fp16 (bf16 tl.dot is wrong under the interpreter). The interpreter must be chosen before triton is
 imported, so on CPU this sets TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a
-child process when triton was already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
-kernels/testing.py. Imports only torch, triton (through kernels), kernels and hcd.engine.runinfo's version helpers:
-no DeepSpeed, DALI, timm.
+child process when triton was already imported without it (on CUDA it clears the variable the same way).
+Pass rule and margins: kernels/testing.py. Imports only torch, triton (through kernels), kernels and
+hcd.engine.runinfo's version helpers: no DeepSpeed, DALI, timm.
 """
 import os
 import subprocess

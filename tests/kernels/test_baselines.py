@@ -1,6 +1,6 @@
 """The baseline losses (dkd_loss, dist_loss, ofa_loss): the eager reference against a direct float64
 transcription of each reference repository's code, every backend against the float64 reference by
-kernels/testing.py's rule (values and gradients, grad_output 2.5), the hostile cases of HCD_SPEC.md
+kernels/testing.py's rule (values and gradients, grad_output 2.5), the hostile cases of docs/method.md, Numerics
 (confident rows, +-500 offsets, student = teacher, C not a power of two, tiny B), and input validation.
 Fused kernels run in the Triton interpreter on CPU (fp32, fp16); bf16 only compiled on CUDA."""
 import os
@@ -173,7 +173,8 @@ _Z, _Y = torch.zeros(4, 7), torch.tensor([0, 1, 2, 3])
     (lambda b: ofa_loss(_Z, _Z, _Y.int(), backend=b), "target: dtype"),
     (lambda b: ofa_loss(_Z, _Z, torch.zeros(4, 6), backend=b), "target: expected shape"),
     (lambda b: ofa_loss(_Z[0], _Z, _Y, backend=b), "logits: expected 2-D"),
-    (lambda b: dist_loss(torch.zeros(4, 1), torch.zeros(4, 1), backend=b), "student_logits: dist_loss needs at least 2"),
+    (lambda b: dist_loss(torch.zeros(4, 1), torch.zeros(4, 1), backend=b),
+     "student_logits: dist_loss needs at least 2"),
     (lambda b: dist_loss(_Z, _Z.clone().requires_grad_(), backend=b), "teacher_logits: requires grad"),
     (lambda b: dkd_loss(_Z, _Z, _Y, temperature=0.0, backend=b), "temperature: must be > 0"),
     (lambda b: ofa_loss(_Z, _Z, _Y, eps=float("nan"), backend=b), "eps: expected a finite number"),
