@@ -1,6 +1,6 @@
 """The HCD losses behind one API: hcd_loss (the whole step: every stage's head and the student terms, the
 engine's path), hcd_head_loss (one stage's head) and student_loss (CE + KD); and the baselines of
-HCD_SPEC.md "Baselines": dkd_loss, dist_loss, ofa_loss (references: hcd.kernels.baselines_reference).
+docs/method.md, Baselines: dkd_loss, dist_loss, ofa_loss (references: hcd.kernels.baselines_reference).
 
 backend: "eager" (hcd.kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
 functions), "triton" (the fused kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto"

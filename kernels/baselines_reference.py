@@ -1,4 +1,4 @@
-"""Eager PyTorch references of the baseline losses (HCD_SPEC.md "Baselines"): DKD, DIST and OFA.
+"""Eager PyTorch references of the baseline losses (docs/method.md, Baselines): DKD, DIST and OFA.
 
 The numerics ground truth for kernels/baselines.py, as kernels/reference.py is for the HCD losses. All math
 is float32 for 16-bit inputs (float64 stays float64); each loss is a 0-dim batch mean in that dtype.
