@@ -53,6 +53,7 @@ class HeadConfig:
     stages: list = field(default_factory=lambda: [1, 2, 3, 4])   # S: student stages with a CFM head
     cfm_hidden: Optional[int] = None   # None: one Linear; H: Linear -> ReLU -> Linear(H -> n*C)
     backend: Literal["auto", "eager", "compile", "triton"] = "auto"
+    init: Literal["ofa", "torch"] = "ofa"   # projector/CFM init: OFA-KD's init_weights, or PyTorch's defaults
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,32 @@ def linear_init_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
             nn.init.uniform_(bias, -bound, bound)
 
 
+def ofa_init_(module: nn.Module) -> None:
+    """OFA-KD's init_weights (docs/method.md, Modules: Initialisation): convs kaiming-normal (fan_out, ReLU),
+    BatchNorm 1/0, Linear trunc-normal std 0.02 with zero bias."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_heads_(init: str, *modules: nn.Module) -> None:
+    """head.init: "ofa" applies ofa_init_ to the modules, "torch" leaves PyTorch's default initialisation."""
+    if init not in ("ofa", "torch"):
+        raise ValueError(f"head.init: {init!r} is not one of 'ofa', 'torch'")
+    if init == "ofa":
+        for m in modules:
+            ofa_init_(m)
+
+
 class DistillOutput(NamedTuple):
     """A named tuple, so DeepSpeed ZeRO-3's module hooks see the tensors inside."""
     logits: torch.Tensor           # student logits (B, C)
@@ -90,7 +116,8 @@ class HCDDistiller(nn.Module):
     uses_teacher = True
 
     def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg: HCDLossConfig,
-                 stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto"):
+                 stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto",
+                 init: str = "ofa"):
         super().__init__()
         # The student returns features for its own stages, in order: a different list here would put
         # stage-3 features into a stage-1 projector and log them under the wrong name.
@@ -117,6 +144,12 @@ class HCDDistiller(nn.Module):
                 hidden.append(nn.Sequential(nn.Linear(d_p + teacher_dim, cfm_hidden), nn.ReLU(inplace=True)))
             linear_init_(self.cfm_weight[s], self.cfm_bias[s])
         self.cfm_hidden = nn.ModuleList(hidden) if cfm_hidden else None
+        # head.init (docs/method.md, Modules: Initialisation): "ofa" re-initialises what "torch" drew above
+        init_heads_(init, self.projectors, *([self.cfm_hidden] if cfm_hidden else []))
+        if init == "ofa":  # the stacked CFM output Linears: trunc-normal 0.02, zero bias, as nn.Linear under ofa_init_
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.cfm_weight, std=0.02)
+                self.cfm_bias.zero_()
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -153,10 +186,11 @@ def build_distiller(cfg, device, rank: int = 0):
                             student_mean=mean, student_std=std).to(device)
     if cfg.method == "hcd":
         distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
-                                 cfg.head.cfm_hidden, cfg.head.backend)
+                                 cfg.head.cfm_hidden, cfg.head.backend, cfg.head.init)
     elif cfg.method == "ofa":
         from hcd.engine.methods.ofa import OFADistiller
-        distiller = OFADistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.backend)
+        distiller = OFADistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.backend,
+                                 cfg.head.init)
     else:
         from hcd.engine.methods.logits import LogitDistiller
         distiller = LogitDistiller(student, cfg.method, cfg.loss, cfg.head.backend)

@@ -1,5 +1,6 @@
 """OFA-KD (Hao et al., NeurIPS 2023; docs/method.md, Baselines): per used student stage the projector of HCD
-(engine/distiller.py's Projector) followed by a Linear to C logits, initialised as OFA-KD's init_weights.
+(engine/distiller.py's Projector) followed by a Linear to C logits, initialised as OFA-KD's init_weights
+(head.init: ofa, the default; torch keeps PyTorch's defaults).
 
 total = ce_weight * CE_eps(z_s, y) + kd_weight * OFA(z_s; logits_eps) + ofa.weight * sum_i OFA(logits_i; eps_i),
 OFA(z; eps) = batch mean of -sum_c ((p_t + 1_y)^eps - 1_y)_c log p_s,c at ofa.temperature (the reference code's
@@ -8,26 +9,9 @@ gt, kd and ofa loss weights are ce_weight, kd_weight and ofa.weight here).
 import torch
 import torch.nn as nn
 
-from hcd.engine.distiller import DistillOutput, Projector, projector_width
+from hcd.engine.distiller import DistillOutput, Projector, init_heads_, projector_width
 from hcd.engine.methods.logits import smoothed_ce
 from hcd.kernels import ofa_loss
-
-
-def ofa_init_(module: nn.Module) -> None:
-    """OFA-KD's init_weights (docs/method.md, Modules: Initialisation): convs kaiming-normal (fan_out, ReLU),
-    BatchNorm 1/0, Linear trunc-normal std 0.02 with zero bias."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 class OFADistiller(nn.Module):
@@ -35,15 +19,15 @@ class OFADistiller(nn.Module):
 
     uses_teacher = True
 
-    def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg, backend: str = "auto"):
+    def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg, backend: str = "auto",
+                 init: str = "ofa"):
         super().__init__()
         self.student, self.loss_cfg, self.backend = student, loss_cfg, backend
         self.stages = list(student.stages)
         d_p = projector_width(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
         self.heads = nn.ModuleList(nn.Linear(d_p, num_classes) for _ in self.stages)
-        ofa_init_(self.projectors)
-        ofa_init_(self.heads)
+        init_heads_(init, self.projectors, self.heads)
         o = loss_cfg.ofa
         self.stage_eps = [float(e) for e in o.stage_eps] if o.stage_eps is not None else [o.eps] * len(self.stages)
 
