@@ -137,6 +137,9 @@ class TrainConfig:
                                             # crash then loses at most N steps); epoch ends always checkpoint
     channels_last: Optional[bool] = None    # NHWC student, projectors, teacher and inputs; null: on CUDA
     compile: Optional[Literal["none", "teacher", "student", "all"]] = None  # torch.compile; null: teacher on CUDA
+    dist_bn: Literal["reduce", "broadcast", "none"] = "reduce"  # BatchNorm statistics over ranks before every
+                                        # eval, checkpoint and export: averaged, rank 0's, or each rank's own
+    sync_bn: bool = False               # SyncBatchNorm in training (CUDA, several ranks)
     cuda_graph_loss: bool = False          # replay hcd_loss's forward and backward from CUDA graphs (CUDA only)
 
 

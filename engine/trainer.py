@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hcd.engine.batchnorm import apply_sync_bn, distribute_bn
 from hcd.engine.checkpoint import Checkpointer, NonFiniteState, read_layout, tag_for
 from hcd.engine.config import Config, ConfigError, dump_config
 from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_group, distributed, rank0_print
@@ -102,6 +103,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     from hcd.engine.schedule import make_lr_lambda
     resume_tag = check_run_folder(folder, resume)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
+    distiller = apply_sync_bn(distiller, cfg.train.sync_bn, d.device, d.world)
     teacher_fn = prepare_models(cfg, teacher, distiller, d.device)
     train_loader, val_loader = build_run_loaders(cfg, mean, std, d)
     t, batches = cfg.train, len(train_loader)
@@ -248,6 +250,7 @@ def _log_row(run: Run, partial: bool = False) -> None:
 def _evaluate_student(run: Run, epoch) -> bool:
     """Val accuracy of the student, logged; returns whether it is the best so far."""
     s = run.state
+    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # every rank evaluates the same model
     run.engine.eval()
     top1, top5, n_val = evaluate(student_forward(run.engine), run.val_loader, run.d.device)
     run.engine.train()
@@ -263,6 +266,7 @@ def _evaluate_student(run: Run, epoch) -> bool:
 
 def _save(run: Run, best: bool = False) -> None:
     _check_health(run)
+    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # what is saved (rank 0's) is every rank's
     with run.window.paused():
         run.saver.save(run.state, best=best, window=run.window.state_dict())
 
