@@ -48,9 +48,10 @@ def test_each_method_trains_resumes_evaluates_and_exports(method, tmp_path, caps
         assert ra["loss"] == pytest.approx(_total_from_parts(method, ra), rel=1e-5), ra["step"]
     last = _rows(tmp_path / "full", "eval")[-1]
     capsys.readouterr()
-    assert main(["eval", "--config", cfg, "--set", f"method={method}",
-                 "--checkpoint", str(tmp_path / "full" / "student.safetensors")]) == 0
-    assert f"val top-1 {last['val_top1']:.2f}%  top-5 {last['val_top5']:.2f}%" in capsys.readouterr().out
+    for export in ("student.safetensors", "student"):  # both layouts (the folder is timm's own)
+        assert main(["eval", "--config", cfg, "--set", f"method={method}",
+                     "--checkpoint", str(tmp_path / "full" / export)]) == 0
+        assert f"val top-1 {last['val_top1']:.2f}%  top-5 {last['val_top5']:.2f}%" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", BASELINES)

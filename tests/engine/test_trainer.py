@@ -44,7 +44,8 @@ def test_one_process_run_writes_the_run_folder(base_run):
     ckpt = run / "checkpoints"
     assert read_pointer(ckpt, "latest") == "step-00000012" and read_pointer(ckpt, "best") is not None
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
-    for name in ("config.yaml", "curves.png", "student.safetensors", "student.json"):
+    for name in ("config.yaml", "curves.png", "student.safetensors", "student.json", "student/config.json",
+                 "student/model.safetensors"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir())
 
