@@ -8,7 +8,7 @@ from hcd.engine.config import DataConfig
 from hcd.engine.data import build_loaders
 from hcd.engine.errors import DataError
 
-from .jpegs import BACKENDS, MEAN, SORTED, STD, TRAIN_PER_CLASS, dali_importable, identify, jpeg_with_garbage_body
+from .jpegs import BACKENDS, MEAN, SORTED, STD, TRAIN_PER_CLASS, dali_importable, ids_of, jpeg_with_garbage_body
 
 needs_dali = pytest.mark.skipif(not dali_importable(), reason="nvidia.dali is not importable")
 N_TRAIN = 3 * TRAIN_PER_CLASS
@@ -18,15 +18,6 @@ def make(root, backend="dali", rank=0, world_size=1, seed=0, dtype=None, **kw):
     cfg = DataConfig(root=str(root), loader=backend, batch_size=4, num_workers=0, img_size=16, **kw)
     return build_loaders(cfg, MEAN, STD, rank=rank, world_size=world_size, seed=seed, device=torch.device("cpu"),
                          dtype=dtype)
-
-
-def ids_of(loader):
-    out = []
-    for images, labels in loader:
-        classes, ids, _ = identify(images)
-        assert classes == labels.tolist()
-        out.extend(ids)
-    return out
 
 
 @needs_dali
@@ -141,36 +132,22 @@ def test_run_loaders_follow_the_precision(dataset):
         assert train.dtype == dtype
 
 
-TRAINER_YAML = """
-seed: 0
-model:
-  teacher: vit_tiny_patch16_224
-  teacher_kwargs: {img_size: 32, patch_size: 8, depth: 1, embed_dim: 24, num_heads: 2}
-  student: resnet18
-  num_classes: 3
-data: {loader: dali, root: ROOT, batch_size: 8, img_size: 32, num_workers: 1}
-head: {stages: [4]}
-optim: {name: sgd, lr: 0.02}
-schedule: {name: cosine, warmup_epochs: 0}
-train: {epochs: 2, log_every: 1, export: false}
-"""
-
-
 @needs_dali
-def test_trainer_resume_mid_epoch_with_dali_reproduces_the_run(dataset, tmp_path):
-    """30 images, batch 8: 3 steps per epoch (the reader's 4th batch, 6 images + padding, is discarded). Stopped at
-    step 4 (epoch 1, batch 1) and resumed: the same train rows as the uninterrupted run, losses bit for bit."""
+def test_trainer_resume_mid_epoch_with_dali_reproduces_the_run(dataset, tmp_path, write_config):
+    """The tiny trainer config on the 30 generated JPEGs (3 classes), batch 8: 3 steps per epoch (the reader's 4th
+    batch, 6 images + padding, is discarded). Stopped at step 4 (epoch 1, batch 1) and resumed: the same train
+    rows as the uninterrupted run, losses bit for bit."""
     from hcd.engine.cli import main
-    cfg = tmp_path / "dali.yaml"
-    cfg.write_text(TRAINER_YAML.replace("ROOT", str(dataset)))
+    args = ["train", "--config", write_config(tmp_path), "--set", "data.loader=dali", "--set", f"data.root={dataset}",
+            "--set", "data.num_workers=1", "--set", "model.num_classes=3", "--set", "train.export=false"]
 
     def rows(run):
         out = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in out if r["kind"] == "train"]
-    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "full")]) == 0
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
     split = tmp_path / "split"
-    assert main(["train", "--config", str(cfg), "--out", str(split), "--set", "train.stop_at_step=4"]) == 0
-    assert main(["train", "--config", str(cfg), "--out", str(split), "--resume"]) == 0
+    assert main([*args, "--out", str(split), "--set", "train.stop_at_step=4"]) == 0
+    assert main([*args, "--out", str(split), "--resume"]) == 0
     full = rows(tmp_path / "full")
     assert [r["step"] for r in full] == list(range(1, 7))
     assert rows(split) == full

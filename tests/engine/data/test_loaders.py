@@ -8,7 +8,7 @@ from hcd.engine.config import ConfigError, DataConfig
 from hcd.engine.data import build_loaders
 from hcd.engine.errors import DataError
 
-from .jpegs import (BACKENDS, MEAN, SORTED, STD, TRAIN_PER_CLASS, VAL_PER_CLASS, identify,
+from .jpegs import (BACKENDS, MEAN, SORTED, STD, TRAIN_PER_CLASS, VAL_PER_CLASS, identify, ids_of,
                        loader_order,
                        jpeg_with_garbage_body, truncated_jpeg)
 
@@ -19,15 +19,6 @@ def make(root, backend, rank=0, world_size=1, seed=0, **kw):
     cfg = DataConfig(root=str(root), loader=backend, batch_size=4, num_workers=0, img_size=16, **kw)
     return build_loaders(cfg, MEAN, STD, rank=rank, world_size=world_size, seed=seed,
                          device=torch.device("cpu"))
-
-
-def ids_of(loader):
-    out = []
-    for images, labels in loader:
-        classes, ids, _ = identify(images)
-        assert classes == labels.tolist()
-        out.extend(ids)
-    return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
