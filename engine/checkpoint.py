@@ -2,7 +2,8 @@
 
 Layout of RUN/checkpoints/:
   step-00000120/    one DeepSpeed checkpoint (model, optimizer, scheduler, ZeRO partitions; our client state
-                    inside mp_rank_00_model_states.pt) plus rng_rank{r}.pt (python, numpy, torch RNG per rank)
+                    inside mp_rank_00_model_states.pt) plus rng_rank{r}.pt (python, numpy, torch RNG per rank,
+                    and the rank's own "rank_state": its train loader's position, e.g. DALI's reader state)
                     and layout.json (world size, batch size, accumulation, ZeRO stage, precision: what a
                     resume must match, checked before DeepSpeed reads anything)
   latest, best      text files naming a step folder (DeepSpeed's own `latest` convention, so
@@ -100,7 +101,8 @@ def legacy_parameter_shapes(ckpt_dir: Path, tag: str) -> Optional[dict]:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
-         best: bool = False, written: bool = False, layout: Optional[dict] = None) -> str:
+         best: bool = False, written: bool = False, layout: Optional[dict] = None,
+         rank_state: Optional[dict] = None) -> str:
     """Collective (every rank calls it): write step `step` atomically and move the pointers.
 
     `written`: this process already saved this very step (epoch end, then end of training): only the
@@ -116,7 +118,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
             shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
         _barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
+        torch.save({**rng_state(), "rank_state": rank_state or {}}, ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
         if rank == 0 and layout is not None:
             (ckpt_dir / tmp_tag / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
         _barrier()  # every rank's files are on disk before the folder becomes visible
@@ -140,16 +142,19 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns our client state."""
+    """Restore model, optimizer, scheduler and this rank's RNG; returns our client state, with this rank's
+    "rank_state" ({} when none was saved)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    per_rank = {}
     if rng_file.is_file():  # absent only in a checkpoint without layout.json, resumed on more ranks
         # our own file, holding numpy's RNG tuple: not loadable with weights_only=True
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return client_state or {}
+        per_rank = torch.load(rng_file, map_location="cpu", weights_only=False)
+        set_rng_state(per_rank)
+    return {**(client_state or {}), "rank_state": per_rank.get("rank_state") or {}}
 
 
 class NonFiniteState(RuntimeError):
@@ -163,12 +168,13 @@ class Checkpointer:
     def __init__(self, engine, ckpt_dir: Path, rank: int, layout: Optional[dict] = None):
         self.engine, self.dir, self.rank, self.layout = engine, Path(ckpt_dir), rank, layout
 
-    def save(self, state, best: bool = False, **extra) -> str:
-        """`extra`: more client state (JSON-like values), returned by load() beside "hcd"."""
+    def save(self, state, best: bool = False, rank_state: Optional[dict] = None, **extra) -> str:
+        """`extra`: more client state (JSON-like values), returned by load() beside "hcd". `rank_state`: this
+        rank's own state (each rank's file, not rank 0's), returned by load() as "rank_state"."""
         if not params_finite(self.engine):  # never write a non-finite checkpoint
             raise NonFiniteState(f"parameters are not finite at step {state.step}; checkpoint not written")
         tag = save(self.engine, self.dir, state.step, {"hcd": state.to_dict(), **extra}, self.rank, best=best,
-                   written=state.saved_step == state.step, layout=self.layout)
+                   written=state.saved_step == state.step, layout=self.layout, rank_state=rank_state)
         state.saved_step = state.step
         return tag
 

@@ -156,6 +156,7 @@ def _resume(run: Run, tag: str, prior_rows: list) -> None:
     saved = run.saver.load(tag)
     run.state = TrainState.from_dict(saved.get("hcd", {}))
     run.window.load_state_dict(saved.get("window", {}), run.d.rank, run.d.device)
+    run.train_loader.load_state_dict(saved.get("rank_state", {}).get("train_loader"))  # DALI's reader state, or None
     s = run.state
     rank0_print(run.d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
     if run.d.rank == 0:
@@ -268,7 +269,8 @@ def _save(run: Run, best: bool = False) -> None:
     _check_health(run)
     distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # what is saved (rank 0's) is every rank's
     with run.window.paused():
-        run.saver.save(run.state, best=best, window=run.window.state_dict())
+        run.saver.save(run.state, best=best, window=run.window.state_dict(),
+                       rank_state={"train_loader": run.train_loader.state_dict()})
 
 
 def _end_of_epoch(run: Run, epoch_done: int) -> None:

@@ -4,15 +4,18 @@ The builders are imported lazily so `hcd data-check` and `hcd.engine.data.demo` 
 """
 
 
-def build_loaders(data_cfg, mean, std, rank=0, world_size=1, seed=0, device=None, num_classes=None):
+def build_loaders(data_cfg, mean, std, rank=0, world_size=1, seed=0, device=None, num_classes=None, dtype=None):
     """(train_loader, val_loader); see hcd.engine.data.build.build_loaders."""
     import torch as _torch  # underscore: `hcd.engine.data.torch` (the submodule) must not be shadowed
     from hcd.engine.data.build import build_loaders as _build
     return _build(data_cfg, mean, std, rank=rank, world_size=world_size, seed=seed,
-                  device=_torch.device("cpu") if device is None else device, num_classes=num_classes)
+                  device=_torch.device("cpu") if device is None else device, num_classes=num_classes,
+                  dtype=_torch.float32 if dtype is None else dtype)
 
 
 def build_run_loaders(cfg, mean, std, d):
-    """A run's loaders: cfg the run config, d its process (hcd.engine.distributed.Dist)."""
+    """A run's loaders: cfg the run config, d its process (hcd.engine.distributed.Dist). A 16-bit run gets
+    its images in its 16-bit dtype (the dtype the trainer casts them to anyway)."""
+    from hcd.engine.speed import HALF
     return build_loaders(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed, device=d.device,
-                         num_classes=cfg.model.num_classes)
+                         num_classes=cfg.model.num_classes, dtype=HALF.get(cfg.train.precision))

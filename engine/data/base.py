@@ -4,8 +4,10 @@ Interface (both loaders):
   len(loader)                  batches per epoch for this rank (the whole epoch, whatever start_batch is)
   loader.set_epoch(e, start_batch=0)   order of epoch e; the next passes start at batch `start_batch`
                                (a resumed run skips the batches it already trained on, without decoding)
-  for images, labels in loader: float32 NCHW (channels-last strides if configured) normalised, int64, on
-                               the loader's device
+  for images, labels in loader: NCHW (channels-last strides if configured) normalised, int64, on the
+                               loader's device; images in loader.dtype (float32, or the run's 16-bit dtype)
+  loader.state_dict() / load_state_dict(state)   where the loader stands, for a checkpoint (None: nothing
+                               beyond set_epoch's (epoch, start_batch) is needed, as for the torch loader)
   loader.classes, loader.num_samples (samples this rank sees per epoch), loader.skipped (samples dropped
   as corrupt so far, all epochs), loader.bad (path -> reason of every corrupt file seen)
 """
@@ -38,14 +40,14 @@ class ImageSpec:
 class ShardedLoader:
     def __init__(self, split: Split, spec: ImageSpec, *, train: bool, batch_size: int, num_workers: int,
                  rank: int, world_size: int, seed: int, drop_last: bool, on_corrupt: str,
-                 device: torch.device):
+                 device: torch.device, dtype: torch.dtype = torch.float32):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.split, self.spec, self.train = split, spec, train
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.drop_last = drop_last and train  # val always keeps its partial last batch
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self.classes = list(split.classes)
         n = len(split)
         self.num_samples = n // world_size if train else len(range(rank, n, world_size))
@@ -74,6 +76,12 @@ class ShardedLoader:
             raise ValueError(f"start_batch {start_batch} outside 0..{self._len}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
     def plan(self) -> list:
         """Index arrays (into split.paths) of this pass's batches, known-corrupt files already removed."""
         if self.train:
@@ -96,9 +104,10 @@ class ShardedLoader:
         return torch.from_numpy(self.split.labels[idx]).to(self.device, non_blocking=True)
 
     def normalize_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW on the host -> normalised float32 on the device (moving uint8 is 4x cheaper)."""
+        """uint8 NCHW on the host -> normalised float32 on the device (moving uint8 is 4x cheaper), then the
+        loader's dtype."""
         x = images.to(self.device, non_blocking=True)
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x.float()  # keeps the memory format
-        return x.sub_(self._mean255.to(x.device)).div_(self._std255.to(x.device))
+        return x.sub_(self._mean255.to(x.device)).div_(self._std255.to(x.device)).to(self.dtype)

@@ -27,12 +27,13 @@ def choose_backend(loader: str) -> str:
 
 
 def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: int = 1, seed: int = 0,
-                  device=torch.device("cpu"), num_classes=None):
+                  device=torch.device("cpu"), num_classes=None, dtype=torch.float32):
     """(train_loader, val_loader) for this rank; see hcd.engine.data.base for the loader interface.
 
     mean, std: 3 numbers on the 0-1 scale (timm's pretrained_cfg). With DALI on a CUDA device the
     pipeline decodes on the GPU ("mixed"); on a CPU device it runs DALI's CPU operators. `synthetic` reads
-    no files and draws `num_classes` class patterns (tests and benchmarks).
+    no files and draws `num_classes` class patterns (tests and benchmarks). `dtype`: the images' dtype (a
+    16-bit run's compute dtype; the synthetic loader always gives float32).
     """
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
@@ -50,7 +51,7 @@ def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: in
     spec = ImageSpec(data_cfg.img_size, data_cfg.crop_pct, tuple(map(float, mean)), tuple(map(float, std)),
                      data_cfg.channels_last)
     common = dict(num_workers=data_cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
-                  on_corrupt=data_cfg.on_corrupt, device=torch.device(device))
+                  on_corrupt=data_cfg.on_corrupt, device=torch.device(device), dtype=dtype)
     train_loader = Loader(train, spec, train=True, batch_size=data_cfg.batch_size,
                           drop_last=data_cfg.last_batch == "drop", **common)
     val_loader = Loader(val, spec, train=False, batch_size=data_cfg.val_batch_size or data_cfg.batch_size,

@@ -52,14 +52,15 @@ class CorruptPolicy:
         self.skipped = 0
         self.bad = {}  # path -> reason
 
-    def report(self, path: str, reason: str) -> None:
+    def report(self, path: str, reason: str, count: bool = True) -> None:
+        """count=False: the caller counts the drops itself (the DALI loader, when it drops the sample)."""
         if self.mode == "error":
             raise DataError(f"{path}: corrupt or unreadable image ({reason}); "
                             "fix or remove it, or set data.on_corrupt: skip")
         if path not in self.bad:
             log.warning("skipping corrupt image %s (%s)", path, reason)
             self.bad[path] = reason
-        self.skipped += 1
+        self.skipped += int(count)
 
     def all_bad(self, first_path: str) -> DataError:
         # Dropping a whole batch would give this rank fewer steps than the others (collectives hang).

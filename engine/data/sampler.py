@@ -1,6 +1,7 @@
 """Which samples each rank sees, in which order: pure functions of (n, seed, epoch, rank, world_size).
 
-Both loaders (DALI and torch) take their batches from here, so they see the same order.
+The torch loader (and the synthetic one) takes its batches from here. The DALI loader does not: DALI's file
+reader shards and shuffles (engine/data/dali.py), with the same number of samples per rank (n // W) for train.
 Train: one permutation per (seed, epoch), shared by all ranks; its first n - n % world_size entries are
 dealt round-robin, so ranks are disjoint and all get n // world_size samples -> the same number of
 batches (the few left-over samples differ each epoch, so none is left out for good).

@@ -45,6 +45,12 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def state_dict(self):
+        return None  # (epoch, start_batch) is all it needs
+
+    def load_state_dict(self, state) -> None:
+        pass
+
     def _batch(self, b: int):
         size = min(self.batch_size, self.num_samples - b * self.batch_size)
         if self.train:

@@ -1,5 +1,5 @@
 """The fallback loader for machines without DALI: PIL decode + torchvision transforms in DataLoader
-workers, batches chosen by hcd.engine.data.sampler (the same order as the DALI loader).
+workers, batches chosen by hcd.engine.data.sampler (not the DALI loader's order: DALI's reader shuffles).
 
 Workers return uint8 images plus the corrupt files they met (never raise: an exception raised in a
 worker reaches the trainer as a multi-line wrapped traceback, not a DataError naming the file); the main

@@ -47,6 +47,16 @@ def identify(images: torch.Tensor):
     return classes.tolist(), ids.tolist(), spread
 
 
+def ids_of(loader):
+    """Sample ids of one pass, checking every label against the image's class."""
+    out = []
+    for images, labels in loader:
+        classes, ids, _ = identify(images)
+        assert classes == labels.tolist()
+        out.extend(ids)
+    return out
+
+
 def dali_importable():
     try:
         import nvidia.dali  # noqa: F401
