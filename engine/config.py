@@ -125,7 +125,8 @@ class TrainConfig:
     max_steps: Optional[int] = None    # optional cap on optimizer steps
     grad_accum: int = 1
     grad_clip: float = 0.0             # 0 disables clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure", "fp16-pure"] = "fp32"  # bf16/fp16: fp32 weights
+                                       # and BatchNorm, autocast compute; *-pure: DeepSpeed's 16-bit weights
     log_every: int = 20                # metrics reduced (host sync) every N steps
     eval_every: int = 1                # epochs
     max_nonfinite: int = 10            # abort after this many non-finite losses in a row

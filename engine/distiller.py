@@ -163,8 +163,9 @@ class HCDDistiller(nn.Module):
             h = [layer(torch.cat([x.to(dtype), f_t], dim=1)) for layer, x in zip(self.cfm_hidden, h)]
             f_t = f_t[:, :0]
         x_s = torch.stack(h).to(dtype)  # (S, B, D_p or H): one copy, one cast at most
-        total, parts = self.loss_fn(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
-                                backend=self.backend, stages=self.stages)
+        with torch.autocast(x_s.device.type, enabled=False):  # the loss: docs/method.md, Numerics
+            total, parts = self.loss_fn(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target,
+                                        self.loss_cfg, backend=self.backend, stages=self.stages)
         return DistillOutput(logits=logits, loss=total, parts=parts)
 
 

@@ -136,6 +136,12 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         stage = base.get("zero_optimization", {}).get("stage", cfg.deepspeed.zero_stage)
         if stage != cfg.deepspeed.zero_stage:
             raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} but {p} sets stage {stage}")
+    if t.precision == "fp16" and cfg.deepspeed.zero_stage > 0:
+        # measured on DeepSpeed 0.19.8: its ZeRO optimizers skip an overflowing step before their GradScaler
+        # sees it, so the loss scale never drops and every later step is skipped too
+        raise ConfigError(f"train.precision: fp16 (autocast) needs deepspeed.zero_stage 0, not "
+                          f"{cfg.deepspeed.zero_stage}: DeepSpeed's loss scaler never lowers its scale under ZeRO "
+                          "1-3 with autocast; use bf16, or fp16-pure (fp16 weights)")
     zero = dict(base.get("zero_optimization", {}), stage=cfg.deepspeed.zero_stage)
     ds = dict(base)
     ds.update({
@@ -145,12 +151,17 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,   # our torch SGD/AdamW under ZeRO
-        "bf16": dict(base.get("bf16", {}), enabled=t.precision == "bf16"),
+        # bf16 / fp16: fp32 weights, BatchNorm and optimizer, the forward under torch.autocast (timm's and
+        # OFA-KD's AMP); lower_precision_safe_modules [] keeps gradients reduced in fp32 as DDP does (DeepSpeed's
+        # default reduces Linear/Conv gradients in the autocast dtype). *-pure: DeepSpeed's 16-bit modules.
+        "torch_autocast": dict({"lower_precision_safe_modules": []}, **base.get("torch_autocast", {}),
+                               enabled=t.precision in ("bf16", "fp16"), dtype=t.precision.removesuffix("-pure")),
+        "bf16": dict(base.get("bf16", {}), enabled=t.precision == "bf16-pure"),
         # bf16 gradients lose bits when accumulated over micro-batches and ranks: accumulate in fp32 (DeepSpeed
-        # 0.19 supports that from ZeRO-1 on; ZeRO-0 with bf16 keeps bf16 gradients: prefer ZeRO-1 with bf16)
+        # 0.19 supports that from ZeRO-1 on; ZeRO-0 with bf16-pure keeps bf16 gradients: prefer ZeRO-1 there)
         "data_types": dict(base.get("data_types", {}), **(
-            {"grad_accum_dtype": "fp32"} if t.precision == "bf16" and cfg.deepspeed.zero_stage >= 1 else {})),
-        "fp16": dict(base.get("fp16", {}), enabled=t.precision == "fp16"),
+            {"grad_accum_dtype": "fp32"} if t.precision == "bf16-pure" and cfg.deepspeed.zero_stage >= 1 else {})),
+        "fp16": dict(base.get("fp16", {}), enabled=t.precision == "fp16-pure"),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     })
@@ -201,17 +212,29 @@ def build_engine(cfg: Config, distiller, d: Dist, lr_lambda=None):
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module), config=ds_config,
                                            lr_scheduler=scheduler, dist_init_required=False)
     match_buffers(engine)
+    if engine.torch_autocast_z0_gradscaler is not None:  # fp16 autocast (ZeRO-0): loss scaling by torch
+        from hcd.engine.health import guard_scaler
+        guard_scaler(engine.torch_autocast_z0_gradscaler)
     return engine
 
 
 def compute_dtype(engine) -> torch.dtype:
-    """The dtype DeepSpeed left the student's weights in (bf16/fp16 when it converted the module)."""
+    """The dtype DeepSpeed left the student's weights in, which its inputs are given in: bf16/fp16 in the
+    -pure modes (DeepSpeed converted the module), fp32 otherwise (the autocast modes cast inside)."""
     return next(engine.module.student.parameters()).dtype
+
+
+def autocast_precision(engine) -> str:
+    """The train.precision an engine's autocast stands for ("bf16", "fp16"), "" when it has none."""
+    if not engine.torch_autocast_enabled():
+        return ""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[engine.torch_autocast_dtype()]
 
 
 def match_buffers(engine) -> None:
     """DeepSpeed (0.19) converts parameters to bf16/fp16 but not buffers, and batch_norm in training mode then
-    refuses fp32 running statistics with half weights: the buffers follow the parameters' dtype."""
+    refuses fp32 running statistics with half weights: in the -pure modes the buffers follow the parameters'
+    dtype (the autocast modes keep fp32 parameters, so BatchNorm's statistics stay fp32)."""
     dtype = compute_dtype(engine)
     if dtype != torch.float32:
         for b in engine.module.buffers():

@@ -8,10 +8,12 @@ import torch.distributed as dist
 
 from hcd.engine import checkpoint
 from hcd.engine.config import Config, ConfigError
-from hcd.engine.distributed import Dist, build_engine, compute_dtype, distributed, init_process_group, rank0_print
+from hcd.engine.distributed import (Dist, autocast_precision, build_engine, compute_dtype, distributed,
+                                    init_process_group, rank0_print)
 from hcd.engine.errors import ModelError
-from hcd.engine.layout import check_layout, parameter_shapes, run_layout, with_legacy_shapes
+from hcd.engine.layout import check_layout, legacy_precision, parameter_shapes, run_layout, with_legacy_shapes
 from hcd.engine.metrics import accuracy, topk_correct
+from hcd.engine.speed import autocast
 
 
 @torch.no_grad()
@@ -43,9 +45,14 @@ def evaluate(forward, loader, device, desc: str = "eval") -> tuple:
 
 
 def student_forward(engine):
-    """images -> student logits, in the dtype DeepSpeed keeps the student's weights in."""
-    student, dtype = engine.module.student, compute_dtype(engine)
-    return lambda images: student(images.to(dtype))[0]
+    """images -> student logits as the engine's forward computes them: in the dtype DeepSpeed keeps the
+    student's weights in, under the engine's autocast (train.precision bf16 / fp16)."""
+    student, dtype, precision = engine.module.student, compute_dtype(engine), autocast_precision(engine)
+
+    def forward(images):
+        with autocast(precision, images.device.type):
+            return student(images.to(dtype))[0]
+    return forward
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
@@ -90,7 +97,7 @@ def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int
     from hcd.engine.data import build_run_loaders
     from hcd.engine.distiller import build_distiller
     from hcd.engine.export import export_from_engine
-    saved = checkpoint.read_layout(ckpt_dir, tag)
+    saved = legacy_precision(checkpoint.read_layout(ckpt_dir, tag))
     full = _load_optimizer_too(cfg, saved, d, ckpt_dir / tag)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
     shapes = parameter_shapes(distiller)
@@ -128,6 +135,7 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     _, val_loader = build_run_loaders(cfg, mean, std, d)
     if d.world > 1:
         init_process_group(d)  # the val split is sharded over the ranks: counts are summed
-    s1, s5, n = evaluate(model, val_loader, d.device)
+    with autocast(cfg.train.precision, d.device.type):  # as the run evaluated it (fp32 for fp32 and -pure)
+        s1, s5, n = evaluate(model, val_loader, d.device)
     rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     return 0

@@ -103,7 +103,9 @@ def student_state_dict(engine, zero_stage: int, rank: int) -> dict:
     mantissa. Buffers (BatchNorm statistics) are the module's own. ZeRO-3 gathers its partitions."""
     from deepspeed.utils import safe_get_full_fp32_param
     student = engine.module.student.model
-    masters = {name: safe_get_full_fp32_param(p) for name, p in student.named_parameters()}  # collective
+    fp16 = _fp16_masters(engine.optimizer)
+    masters = {name: fp16.get(id(p)) if id(p) in fp16 else safe_get_full_fp32_param(p)  # collective
+               for name, p in student.named_parameters()}
     if zero_stage == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
@@ -116,6 +118,21 @@ def student_state_dict(engine, zero_stage: int, rank: int) -> dict:
         if master is not None and name in sd:
             sd[name] = master.detach().float()
     return sd
+
+
+def _fp16_masters(optimizer) -> dict:
+    """id(parameter) -> fp32 master under DeepSpeed's ZeRO-0 16-bit optimizers (FP16_Optimizer, or
+    FP16_UnfusedOptimizer, which 0.19 also uses for bf16-pure at ZeRO-0): safe_get_full_fp32_param returns
+    None there, and the export would hold the 16-bit copies. {} for every other optimizer."""
+    from torch._utils import _unflatten_dense_tensors
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups_flat"):
+        masters = [_unflatten_dense_tensors(flat, g) for flat, g in zip(optimizer.fp32_groups_flat, groups)]
+    else:
+        masters = getattr(optimizer, "fp32_groups", [])
+    return {id(p): m for g, ms in zip(groups, masters) for p, m in zip(g, ms)}
 
 
 def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem: str = "student") -> None:

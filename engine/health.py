@@ -6,6 +6,11 @@ fused optimizers take from its GradScaler: the fused SGD / AdamW step then leave
 and Adam moments and Adam's step count as they were, on the device. The counters (skipped steps in all, the
 longest run of them in a row) stay on the device too; the host reads them with the metrics of a log row and
 before every checkpoint, and aborts there when train.max_nonfinite is reached.
+
+With train.precision fp16 (autocast, ZeRO-0) DeepSpeed steps the optimizer through a torch GradScaler, which
+hands the fused step its own found_inf (non-finite gradients): guard_scaler makes that flag include the
+window's, so a non-finite loss is still never applied (and lowers the loss scale, as non-finite gradients
+do). The scaler's state is not in DeepSpeed's checkpoint: scaler_state / load_scaler_state carry it.
 """
 from typing import Optional
 
@@ -42,5 +47,32 @@ class StepHealth:
 
 def apply_found_inf(optimizer, found_inf: torch.Tensor) -> None:
     """Hand the flag to a fused torch optimizer (its step is then skipped on the device when it is 1)."""
-    optimizer.grad_scale = None
+    optimizer.__dict__.pop("grad_scale", None)  # no unscaling (a GradScaler, fp16, sets its own: a number)
     optimizer.found_inf = found_inf
+
+
+def guard_scaler(scaler) -> None:
+    """Make a torch GradScaler's found_inf also hold the flag apply_found_inf left on the optimizer (the
+    scaler computes its own in _unscale_grads_, then replaces the optimizer's found_inf with it)."""
+    unscale = scaler._unscale_grads_
+
+    def _unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16):
+        per_device = unscale(optimizer, inv_scale, found_inf, allow_fp16)
+        ours = getattr(optimizer, "found_inf", None)
+        if ours is not None:
+            for t in per_device.values():
+                t.copy_(torch.maximum(t, ours.to(t.device, t.dtype)))
+        return per_device
+    scaler._unscale_grads_ = _unscale_grads_
+
+
+def scaler_state(engine) -> dict:
+    """The fp16 loss scaler's state for a checkpoint's client state ({} without one)."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+
+
+def load_scaler_state(engine, saved: dict) -> None:
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and saved.get("grad_scaler"):
+        scaler.load_state_dict(saved["grad_scaler"])

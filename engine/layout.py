@@ -21,7 +21,8 @@ def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None)
     (model.*, head.* and loss.n_sublogits decide them)."""
     layout = {"method": cfg.method, "world size (processes)": world, "data.batch_size": cfg.data.batch_size,
               "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-              "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
+              "train.precision": cfg.train.precision, "optim.name": cfg.optim.name,
+              "weights": cfg.train.precision if cfg.train.precision.endswith("-pure") else "fp32"}
     if model is not None:
         layout["parameters"] = parameter_shapes(model)
     return layout
@@ -68,9 +69,19 @@ def older_layout(saved: dict, now: dict) -> str:
     return ""
 
 
+def legacy_precision(saved: Optional[dict]) -> Optional[dict]:
+    """A layout written before train.precision bf16 / fp16 meant autocast (no "weights" key) names the
+    16-bit-weights mode they meant then: bf16-pure / fp16-pure."""
+    if saved is None or "weights" in saved or saved.get("train.precision") not in ("bf16", "fp16"):
+        return saved
+    return dict(saved, **{"train.precision": saved["train.precision"] + "-pure"})
+
+
 def with_legacy_shapes(saved: Optional[dict], ckpt_dir: Path, tag: str, params: dict) -> Optional[dict]:
     """A checkpoint's layout (read_layout), with parameter shapes even when it was written before they were
-    kept: then recovered from DeepSpeed's model-states file, buffers included, so this model's names only."""
+    kept: then recovered from DeepSpeed's model-states file, buffers included, so this model's names only.
+    Its precision as legacy_precision reads it."""
+    saved = legacy_precision(saved)
     if saved is None or "parameters" in saved:
         return saved
     legacy = checkpoint.legacy_parameter_shapes(ckpt_dir, tag)

@@ -6,11 +6,24 @@ weights kept in the run's 16-bit dtype (a frozen model needs no fp32 master copy
 teacher and/or the student side (student and projectors, compiled in place before DeepSpeed wraps them, so
 parameter names, checkpoints and exports do not change); the loss call replayed from CUDA graphs
 (train.cuda_graph_loss, engine/loss_graph.py; refused off CUDA here, at build time)."""
-from typing import Tuple
+import contextlib
+from typing import Optional, Tuple
 
 import torch
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast modes of train.precision
+
+
+def half_dtype(precision: str) -> Optional[torch.dtype]:
+    """The 16-bit dtype of a train.precision (bf16, fp16 and their -pure modes); None for fp32."""
+    return HALF.get(precision.removesuffix("-pure"))
+
+
+def autocast(precision: str, device_type: str):
+    """torch.autocast in the run's 16-bit dtype for the autocast modes (bf16, fp16); no-op otherwise."""
+    if precision not in HALF:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=HALF[precision])
 
 
 def resolved(cfg, device: torch.device) -> Tuple[bool, str]:
@@ -26,8 +39,8 @@ def prepare_models(cfg, teacher, distiller, device: torch.device):
     channels_last, what = resolved(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each convolution once
-    if cfg.train.precision in HALF:
-        teacher.to(HALF[cfg.train.precision])
+    if half_dtype(cfg.train.precision) is not None:  # every 16-bit mode: a frozen model needs no fp32 copy
+        teacher.to(half_dtype(cfg.train.precision))
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
     if cfg.train.cuda_graph_loss:

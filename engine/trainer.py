@@ -24,7 +24,7 @@ from hcd.engine.config import Config, ConfigError, dump_config
 from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_group, distributed, rank0_print
 from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.evaluate import evaluate, student_forward
-from hcd.engine.health import StepHealth, apply_found_inf
+from hcd.engine.health import StepHealth, apply_found_inf, load_scaler_state, scaler_state
 from hcd.engine.layout import check_layout, check_run_folder, run_layout, with_legacy_shapes
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics, write_metrics
 from hcd.engine.signals import StopRequest
@@ -157,6 +157,7 @@ def _resume(run: Run, tag: str, prior_rows: list) -> None:
     run.state = TrainState.from_dict(saved.get("hcd", {}))
     run.window.load_state_dict(saved.get("window", {}), run.d.rank, run.d.device)
     run.train_loader.load_state_dict(saved.get("rank_state", {}).get("train_loader"))  # DALI's reader state, or None
+    load_scaler_state(run.engine, saved)
     s = run.state
     rank0_print(run.d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
     if run.d.rank == 0:
@@ -202,9 +203,14 @@ def _micro_step(run: Run, images, labels) -> None:
     run.lr = run.engine.get_lr()[0]  # the LR this optimizer step uses (host value, no sync)
     run.engine.backward(loss)
     run.micro += 1
-    if run.micro == run.cfg.train.grad_accum:
+    boundary = run.micro == run.cfg.train.grad_accum
+    if boundary:
         apply_found_inf(run.engine.client_optimizer, run.health.close_window())
     run.engine.step()
+    if boundary and not run.engine.was_step_applied() and run.engine.lr_scheduler is not None:
+        # DeepSpeed skipped an overflowing 16-bit step (fp16-pure's loss scaler) and held the schedule back:
+        # the schedule follows the optimizer steps counted here, as timm's does
+        run.engine.lr_scheduler.step()
     run.window.add(loss, parts)
 
 
@@ -270,7 +276,7 @@ def _save(run: Run, best: bool = False) -> None:
     distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # what is saved (rank 0's) is every rank's
     with run.window.paused():
         run.saver.save(run.state, best=best, window=run.window.state_dict(),
-                       rank_state={"train_loader": run.train_loader.state_dict()})
+                       rank_state={"train_loader": run.train_loader.state_dict()}, **scaler_state(run.engine))
 
 
 def _end_of_epoch(run: Run, epoch_done: int) -> None:

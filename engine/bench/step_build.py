@@ -24,7 +24,7 @@ from hcd.engine import trainer
 from hcd.engine.bench.shapes import CONFIG_ROOT
 from hcd.engine.config import Config, load_config
 
-STEP_CONFIG = "imagenet/swin_tiny-resnet18.yaml"   # Swin-T -> ResNet18, 224 px, bf16, ZeRO-1
+STEP_CONFIG = "imagenet/swin_tiny-resnet18.yaml"   # Swin-T -> ResNet18, 224 px, bf16 autocast, ZeRO-1
 # Every device: a random teacher (a speed benchmark needs no weights) and the repository's DeepSpeed JSON.
 COMMON_OVERRIDES = ("model.teacher_checkpoint=null", "data.loader=synthetic", "train.grad_accum=1",
                     f"deepspeed.config_file={CONFIG_ROOT / 'deepspeed' / 'zero1.json'}")

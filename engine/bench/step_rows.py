@@ -5,9 +5,10 @@ of one engine step by range (breakdown.py).
 
 Rows report ms per step and images/s; the engine row carries the ratios "engine vs reference loop"
 (images/s over the reference loop's) and "HCD vs KD" (ms over the KD step's). On CUDA: Swin-T -> ResNet18,
-224 px, B = 128, bf16, ZeRO-1 as configured, 1 process. On CPU: the same config shrunk (tiny ViT teacher,
-32 px, B = 16, fp32, 10 classes, no compile, one intra-op thread: on a shared 2-core machine two threads
-wait on each other's descheduled partner, 4-5x slower), a check that the path runs, not a speed.
+224 px, B = 128, bf16 autocast with fp32 weights (as the reference loop), ZeRO-1 as configured, 1 process.
+On CPU: the same config shrunk (tiny ViT teacher, 32 px, B = 16, fp32, 10 classes, no compile, one intra-op
+thread: on a shared 2-core machine two threads wait on each other's descheduled partner, 4-5x slower), a
+check that the path runs, not a speed.
 """
 import contextlib
 import importlib.util

@@ -15,7 +15,9 @@ def build_loaders(data_cfg, mean, std, rank=0, world_size=1, seed=0, device=None
 
 def build_run_loaders(cfg, mean, std, d):
     """A run's loaders: cfg the run config, d its process (hcd.engine.distributed.Dist). A 16-bit run gets
-    its images in its 16-bit dtype (the dtype the trainer casts them to anyway)."""
-    from hcd.engine.speed import HALF
+    its images in its 16-bit dtype: what the 16-bit teacher takes, what a -pure student computes in, and what
+    autocast rounds them to in the student's first layer (the trainer casts them to fp32 weights' dtype
+    first: a lossless round trip)."""
+    from hcd.engine.speed import half_dtype
     return build_loaders(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed, device=d.device,
-                         num_classes=cfg.model.num_classes, dtype=HALF.get(cfg.train.precision))
+                         num_classes=cfg.model.num_classes, dtype=half_dtype(cfg.train.precision))

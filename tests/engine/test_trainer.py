@@ -196,7 +196,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, 
     assert [r["step"] for r in train_rows(run)] == [2, 4, 6, 8, 10, 12]
 
 
-@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (1, "bf16"), (3, "bf16")])
+@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (1, "bf16-pure"), (3, "bf16")])
 def test_zero3_and_bf16_exports_and_checkpoint_evals_agree(tmp_path, capsys, stage, precision, write_config):
     import torch
     from safetensors.torch import load_file
@@ -211,8 +211,10 @@ def test_zero3_and_bf16_exports_and_checkpoint_evals_agree(tmp_path, capsys, sta
         assert main(["eval", "--config", cfg, "--checkpoint", str(run / "checkpoints" / step)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "--checkpoint: deepspeed.zero_stage is 0 but" in err, err
-    # the exported student (ZeRO-3: gathered from the partitions) scores what the trainer measured
-    assert main(["eval", "--config", cfg, "--checkpoint", str(run / "student.safetensors")]) == 0
+    # the exported student (ZeRO-3: gathered from the partitions) scores what the trainer measured (bf16: with
+    # the run's precision, so under the same autocast)
+    autocast = sets[2:] if precision == "bf16" else []
+    assert main(["eval", "--config", cfg, *autocast, "--checkpoint", str(run / "student.safetensors")]) == 0
     out = capsys.readouterr().out
     # `hcd eval` of the checkpoint folder (with the run's config) scores the same and exports the same weights
     assert main(["eval", "--config", cfg, *sets, "--checkpoint", str(run / "checkpoints" / step)]) == 0
@@ -220,7 +222,7 @@ def test_zero3_and_bf16_exports_and_checkpoint_evals_agree(tmp_path, capsys, sta
     again = load_file(str(run / "checkpoints" / step / "student.safetensors"))
     exported = load_file(str(run / "student.safetensors"))
     assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in exported)
-    if precision == "fp32":
+    if precision != "bf16-pure":
         assert f"val top-1 {ev['val_top1']:.2f}%" in out, out
         return
     # the trainer evaluated the bf16 copies of the weights; the export holds the fp32 masters, whose bf16
@@ -292,7 +294,7 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
     layout = json.loads((ckpt / tag / "layout.json").read_text())
     shapes = layout.pop("parameters")
     assert layout == {"method": "hcd", "world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
-                      "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd"}
+                      "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd", "weights": "fp32"}
     assert shapes["cfm_weight"] == [2, 4 * 5, 512 + 48]  # S x n*C x (Dp + Dt): ResNet18 512, tiny ViT 48
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     for command, needle in (

@@ -123,7 +123,8 @@ def test_run_loaders_follow_the_precision(dataset):
     from hcd.engine.config import Config
     from hcd.engine.data import build_run_loaders
     d = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
-    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16),
+                             ("bf16-pure", torch.bfloat16), ("fp16-pure", torch.float16)):
         cfg = Config()
         cfg.data.root, cfg.data.loader, cfg.data.img_size, cfg.data.num_workers = str(dataset), "torch", 16, 0
         cfg.data.batch_size = 4
