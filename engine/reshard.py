@@ -45,8 +45,8 @@ def needs_conversion(step: Path) -> bool:
 def unsupported(layout: dict, step: Path) -> str:
     """Why step folder `step`, written with `layout`, cannot be resumed on another world size ('' when it can)."""
     if layout.get("deepspeed.zero_stage", 0) >= 3:
-        return ("DeepSpeed 0.19's universal conversion of ZeRO-3 is not verified by hcd (its tests cover "
-                "ZeRO 0-2); resume with the same world size, or run with ZeRO 0-2")
+        return ("hcd converts ZeRO 0-2 only (DeepSpeed 0.19's ZeRO-3 universal load knows Adam's state names only, "
+                "and hcd has not verified it); resume with the world size it was written with")
     if needs_conversion(step) and layout.get("optim.name") not in ("adamw", "sgd"):
         return f"optim.name {layout.get('optim.name')} has no universal conversion"
     return ""
