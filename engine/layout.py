@@ -10,8 +10,8 @@ from hcd.engine import checkpoint
 from hcd.engine.config import Config, ConfigError
 from hcd.engine.errors import output_path_problem
 
-RESUME_RULE = ("a run resumes only with the same method, world size, data.batch_size, train.grad_accum, "
-               "deepspeed.zero_stage, train.precision and optim.name")
+RESUME_RULE = ("a run resumes only with the same method, data.batch_size, train.grad_accum, "
+               "deepspeed.zero_stage, train.precision and optim.name (the world size may change: README, resume)")
 
 
 def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None) -> dict:
@@ -52,6 +52,22 @@ def check_layout(saved: Optional[dict], now: dict, folder: Path, flag: str = "--
             more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
             raise ConfigError(f"{flag}: this config builds another model than {folder} holds: {'; '.join(diff[:2])}"
                               f"{more}; model.*, head.* and loss.n_sublogits must be the run's{hint}")
+
+
+def check_resume_layout(saved: Optional[dict], now: dict, folder: Path) -> Optional[int]:
+    """check_layout for --resume, where the world size may differ when the checkpoint can be converted
+    (engine/reshard.py): returns the checkpoint's world size when it differs (None when equal or unknown);
+    another field that differs, or a checkpoint DeepSpeed cannot convert, is a one-line ConfigError."""
+    from hcd.engine import reshard
+    old = (saved or {}).get(reshard.WORLD, now[reshard.WORLD])
+    check_layout(saved and dict(saved, **{reshard.WORLD: now[reshard.WORLD]}), now, folder)
+    if old == now[reshard.WORLD]:
+        return None
+    why = reshard.unsupported(saved, folder)
+    if why:
+        raise ConfigError(f"--resume: {reshard.WORLD} is {now[reshard.WORLD]} but {folder} was written with {old}, "
+                          f"and it cannot be converted: {why}")
+    return old
 
 
 # Parameters this version names differently from older ones: a checkpoint without them was written by an older

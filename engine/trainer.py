@@ -25,7 +25,7 @@ from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_gr
 from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.evaluate import evaluate, student_forward
 from hcd.engine.health import StepHealth, apply_found_inf, load_scaler_state, scaler_state
-from hcd.engine.layout import check_layout, check_run_folder, run_layout, with_legacy_shapes
+from hcd.engine.layout import check_resume_layout, check_run_folder, run_layout, with_legacy_shapes
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics, write_metrics
 from hcd.engine.signals import StopRequest
 from hcd.engine.speed import input_layout, prepare_models, resolved
@@ -116,10 +116,11 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     # does not divide them; steps per epoch is then fractional (the schedule converts epochs with it).
     total_steps = min(batches * t.epochs // t.grad_accum, t.max_steps or sys.maxsize)
     layout = run_layout(cfg, d.world, distiller)
+    from_world = None  # the world size of a checkpoint written by another number of processes
     if resume:  # before anything is written or loaded: a mismatch must leave the run as it is
         ckpt_dir = folder / "checkpoints"
         saved = with_legacy_shapes(read_layout(ckpt_dir, resume_tag), ckpt_dir, resume_tag, layout["parameters"])
-        check_layout(saved, layout, ckpt_dir / resume_tag)
+        from_world = check_resume_layout(saved, layout, ckpt_dir / resume_tag)
     prior_rows = read_metrics(folder / "metrics.jsonl") if resume else []
     engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, total_steps,
                                                             batches / t.grad_accum))
@@ -133,7 +134,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     run = Run(cfg, d, folder, engine, teacher_fn, train_loader, val_loader,
               Checkpointer(engine, folder / "checkpoints", d.rank, layout), None, window, total_steps, TrainState())
     if resume:
-        _resume(run, resume_tag, prior_rows)
+        _resume(run, resume_tag, prior_rows, saved if from_world else None)
     run.health, run.control_group = StepHealth(d.device, run.state.nonfinite), control_group(d)
     run.channels_last = resolved(cfg, d.device)[0]
     run.uses_teacher = distiller.uses_teacher
@@ -150,9 +151,12 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     return run
 
 
-def _resume(run: Run, tag: str, prior_rows: list) -> None:
+def _resume(run: Run, tag: str, prior_rows: list, other_layout: Optional[dict] = None) -> None:
     """Load the checkpoint; drop metrics rows logged after it (a crash) and the row a stop logged with an
-    open window (the window continues from the checkpoint), so the resumed run rewrites exactly them."""
+    open window (the window continues from the checkpoint), so the resumed run rewrites exactly them.
+    other_layout: the checkpoint's layout, written by another number of processes."""
+    if other_layout:
+        return _resume_resharded(run, tag, prior_rows, other_layout)
     saved = run.saver.load(tag)
     run.state = TrainState.from_dict(saved.get("hcd", {}))
     run.window.load_state_dict(saved.get("window", {}), run.d.rank, run.d.device)
@@ -164,6 +168,35 @@ def _resume(run: Run, tag: str, prior_rows: list) -> None:
         write_metrics(run.folder / "metrics.jsonl", [r for r in prior_rows
                                                      if r.get("step", 0) <= s.step and not r.get("partial")])
         dump_config(run.cfg, run.folder / "config.yaml")  # the config this run continues with
+
+
+def _resume_resharded(run: Run, tag: str, prior_rows: list, layout: dict) -> None:
+    """_resume from a checkpoint of another world size (engine/reshard.py): the data position and the step are
+    recomputed from the samples seen, the RNG re-seeded; the metrics window and the rows after the checkpoint
+    are dropped (the row a stop logged is kept), the rows' steps re-expressed in this world's."""
+    from hcd.engine import reshard
+    d, cfg, old_world = run.d, run.cfg, layout[reshard.WORLD]
+    saved, how = reshard.load(run.engine, run.saver.dir, tag, d.rank)
+    old = TrainState.from_dict(saved.get("hcd", {}))
+    at = reshard.position(old.epoch, old.batch, old_world, d.world, cfg.data.batch_size, len(run.train_loader),
+                          cfg.train.grad_accum)
+    run.state = dataclasses.replace(old, epoch=at["epoch"], batch=at["batch"], step=at["step"], saved_step=None,
+                                    last_eval_step=at["step"] if old.last_eval_step == old.step else -1)
+    reshard.continue_schedule(run.engine, at["step"])
+    reshard.reseed(cfg.seed, d.rank, at["step"])
+    moved = (f"{at['seen_again']} samples of epoch {old.epoch} are seen again: the position is rounded down to a "
+             "batch of this world" if at["seen_again"] else "a batch boundary of both")
+    rank0_print(d, f"resuming a checkpoint of {old_world} process(es) with {d.world}: {how}; data position: epoch "
+                   f"{old.epoch} batch {old.batch} of {old_world} ranks is batch {at['batch']} of epoch {at['epoch']} "
+                   f"of {d.world} ranks ({moved}); step {old.step} is step {at['step']} in this world's steps (the "
+                   "LR schedule continues at the same epoch); every rank's RNG is re-seeded from (seed, rank, "
+                   "step); the metrics window open at the checkpoint restarts")
+    s = run.state
+    rank0_print(d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
+    if d.rank == 0:
+        rows = [r for r in prior_rows if r.get("step", 0) <= old.step]
+        write_metrics(run.folder / "metrics.jsonl", reshard.restep(rows, old_world, d.world))
+        dump_config(cfg, run.folder / "config.yaml")
 
 
 def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
