@@ -19,6 +19,7 @@ What changes with the world size, and how a resume handles each (README, "resume
 What DeepSpeed 0.19 cannot convert (unsupported()) is refused before anything is loaded or written.
 """
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -192,3 +193,37 @@ def restep(rows: list, old_world: int, world: int) -> list:
             v = r["step"] * old_world / world
             r["step"] = int(v) if v == int(v) else round(v, 4)
     return rows
+
+
+def resume(run, tag: str, prior_rows: list, layout: dict) -> None:
+    """The trainer's _resume (run: hcd.engine.trainer.Run) from a checkpoint of another world size: the data
+    position and the step are recomputed from the samples seen, the RNG re-seeded; the metrics window and the
+    rows after the checkpoint are dropped (the row a stop logged is kept), the rows' steps re-expressed in this
+    world's."""
+    from hcd.engine.config import dump_config
+    from hcd.engine.distributed import rank0_print
+    from hcd.engine.health import load_scaler_state
+    from hcd.engine.metrics import write_metrics
+    d, cfg, old_world = run.d, run.cfg, layout[WORLD]
+    saved, how = load(run.engine, run.saver.dir, tag, d.rank)
+    load_scaler_state(run.engine, saved)
+    old = type(run.state).from_dict(saved.get("hcd", {}))
+    at = position(old.epoch, old.batch, old_world, d.world, cfg.data.batch_size, len(run.train_loader),
+                  cfg.train.grad_accum)
+    run.state = dataclasses.replace(old, epoch=at["epoch"], batch=at["batch"], step=at["step"], saved_step=None,
+                                    last_eval_step=at["step"] if old.last_eval_step == old.step else -1)
+    continue_schedule(run.engine, at["step"])
+    reseed(cfg.seed, d.rank, at["step"])
+    moved = (f"{at['seen_again']} samples of epoch {old.epoch} are seen again: the position is rounded down to a "
+             "batch of this world" if at["seen_again"] else "a batch boundary of both")
+    rank0_print(d, f"resuming a checkpoint of {old_world} process(es) with {d.world}: {how}; data position: epoch "
+                   f"{old.epoch} batch {old.batch} of {old_world} ranks is batch {at['batch']} of epoch {at['epoch']} "
+                   f"of {d.world} ranks ({moved}); step {old.step} is step {at['step']} in this world's steps (the "
+                   "LR schedule continues at the same epoch); every rank's RNG is re-seeded from (seed, rank, "
+                   "step); the metrics window open at the checkpoint restarts")
+    s = run.state
+    rank0_print(d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
+    if d.rank == 0:
+        rows = [r for r in prior_rows if r.get("step", 0) <= old.step]
+        write_metrics(run.folder / "metrics.jsonl", restep(rows, old_world, d.world))
+        dump_config(cfg, run.folder / "config.yaml")

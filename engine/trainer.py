@@ -156,7 +156,8 @@ def _resume(run: Run, tag: str, prior_rows: list, other_layout: Optional[dict] =
     open window (the window continues from the checkpoint), so the resumed run rewrites exactly them.
     other_layout: the checkpoint's layout, written by another number of processes."""
     if other_layout:
-        return _resume_resharded(run, tag, prior_rows, other_layout)
+        from hcd.engine import reshard
+        return reshard.resume(run, tag, prior_rows, other_layout)
     saved = run.saver.load(tag)
     run.state = TrainState.from_dict(saved.get("hcd", {}))
     run.window.load_state_dict(saved.get("window", {}), run.d.rank, run.d.device)
@@ -168,35 +169,6 @@ def _resume(run: Run, tag: str, prior_rows: list, other_layout: Optional[dict] =
         write_metrics(run.folder / "metrics.jsonl", [r for r in prior_rows
                                                      if r.get("step", 0) <= s.step and not r.get("partial")])
         dump_config(run.cfg, run.folder / "config.yaml")  # the config this run continues with
-
-
-def _resume_resharded(run: Run, tag: str, prior_rows: list, layout: dict) -> None:
-    """_resume from a checkpoint of another world size (engine/reshard.py): the data position and the step are
-    recomputed from the samples seen, the RNG re-seeded; the metrics window and the rows after the checkpoint
-    are dropped (the row a stop logged is kept), the rows' steps re-expressed in this world's."""
-    from hcd.engine import reshard
-    d, cfg, old_world = run.d, run.cfg, layout[reshard.WORLD]
-    saved, how = reshard.load(run.engine, run.saver.dir, tag, d.rank)
-    old = TrainState.from_dict(saved.get("hcd", {}))
-    at = reshard.position(old.epoch, old.batch, old_world, d.world, cfg.data.batch_size, len(run.train_loader),
-                          cfg.train.grad_accum)
-    run.state = dataclasses.replace(old, epoch=at["epoch"], batch=at["batch"], step=at["step"], saved_step=None,
-                                    last_eval_step=at["step"] if old.last_eval_step == old.step else -1)
-    reshard.continue_schedule(run.engine, at["step"])
-    reshard.reseed(cfg.seed, d.rank, at["step"])
-    moved = (f"{at['seen_again']} samples of epoch {old.epoch} are seen again: the position is rounded down to a "
-             "batch of this world" if at["seen_again"] else "a batch boundary of both")
-    rank0_print(d, f"resuming a checkpoint of {old_world} process(es) with {d.world}: {how}; data position: epoch "
-                   f"{old.epoch} batch {old.batch} of {old_world} ranks is batch {at['batch']} of epoch {at['epoch']} "
-                   f"of {d.world} ranks ({moved}); step {old.step} is step {at['step']} in this world's steps (the "
-                   "LR schedule continues at the same epoch); every rank's RNG is re-seeded from (seed, rank, "
-                   "step); the metrics window open at the checkpoint restarts")
-    s = run.state
-    rank0_print(d, f"resumed from {run.saver.dir / tag}: step {s.step}, epoch {s.epoch}, batch {s.batch}")
-    if d.rank == 0:
-        rows = [r for r in prior_rows if r.get("step", 0) <= old.step]
-        write_metrics(run.folder / "metrics.jsonl", reshard.restep(rows, old_world, d.world))
-        dump_config(cfg, run.folder / "config.yaml")
 
 
 def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
