@@ -77,3 +77,27 @@ def build_digits(root: Optional[str] = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+SUBSET_LIST = "train-{per_class}-per-class.txt"  # a balanced labelled subset of root/train, in root
+
+
+def write_subset_list(root, per_class: int, seed: int = 0) -> Path:
+    """root/train-<per_class>-per-class.txt: a seeded, class-balanced subset of the digits train split as a
+    "relative/path label" file list (data.train_list), for a student that sees few labels while its teacher
+    saw them all. Same (per_class, seed), same list; written atomically, once."""
+    root = Path(root)
+    path = root / SUBSET_LIST.format(per_class=per_class)
+    if path.is_file():
+        return path
+    rng = np.random.default_rng([seed, per_class])
+    lines = []
+    for c in range(10):
+        files = sorted(f.name for f in (root / "train" / str(c)).iterdir())
+        if len(files) < per_class:
+            raise ValueError(f"per_class: {per_class} exceeds the {len(files)} train images of class {c}")
+        lines += [f"{c}/{name} {c}\n" for name in sorted(rng.choice(files, per_class, replace=False))]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return path
