@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from hcd.engine.config import METHODS, check_paths, load_config, validate
+from hcd.engine.config import METHODS, check_paths, load_config, validate, with_absolute_paths
 from hcd.engine.config_tree import ConfigError
 from hcd.engine.errors import EXIT_STOPPED
 from hcd.engine.metrics import read_metrics
@@ -125,7 +125,7 @@ def load_base(config: str, overrides: tuple, methods: Sequence[str]):
         raise ConfigError("model.teacher_checkpoint: not set and model.pretrained is false: every method but ce "
                           "would distil from a random teacher; name the teacher's checkpoint")
     check_paths(cfg)
-    return cfg
+    return with_absolute_paths(cfg)
 
 
 def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[str] = None, overrides: tuple = (),

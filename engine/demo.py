@@ -107,7 +107,7 @@ def digits_root(root: str) -> Path:
 
 def prepare_digits(cfg) -> None:
     """What a digits config needs before `hcd compare` trains on it, made once and cached: the digits folder
-    (data.root = DIGITS_ROOT), the labelled subset its data.train_list names (train-<K>-per-class.txt) and,
+    (data.root = DIGITS_ROOT), the labelled subset its data.train_list names (train-<K>-per-class-x<R>.txt) and,
     when model.teacher_checkpoint is missing and train.teacher_epochs > 0, the teacher trained from scratch
     on the whole train split (_train_teacher) and saved there. Sets cfg.data.root to the folder used."""
     import re
@@ -115,10 +115,10 @@ def prepare_digits(cfg) -> None:
     from hcd.engine.data.demo import SUBSET_LIST, write_subset_list
     root = digits_root(cfg.data.root)
     cfg.data.root = str(root)
-    pattern = re.escape(SUBSET_LIST).replace(re.escape("{per_class}"), r"(\d+)")
+    pattern = re.escape(SUBSET_LIST).replace(r"\{per_class\}", r"(\d+)").replace(r"\{repeats\}", r"(\d+)")
     subset = re.fullmatch(pattern, cfg.data.train_list or "")
     if subset:
-        write_subset_list(root, int(subset.group(1)))
+        write_subset_list(root, int(subset.group(1)), int(subset.group(2)))
     path = cfg.model.teacher_checkpoint
     if path and cfg.train.teacher_epochs > 0 and not Path(path).expanduser().is_file():
         print(f"model.teacher_checkpoint {path} is missing: training the teacher from scratch once "
