@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call on a GPU machine (H100/H200) that fits in 8 minutes: a wheel install, then four phases,
+# One prepared call on a GPU machine (H100/H200) that fits in 8 minutes: a wheel install, then five phases,
 # each with a time limit of min(its cap, what is left of HCD_CHECK_SECONDS = 465 s from the start):
 #   verify   75 s  hcd verify --quick: the fused kernels against the float64 reference (fp32/fp16/bf16)
 #   steps   150 s  hcd bench --quick --only step: the real trainer step (trainer._micro_step on the DeepSpeed
@@ -11,11 +11,14 @@
 #   kernels 200 s  hcd bench --quick --only kernel,profile: kernel rows, the ImageNet headline shape first
 #                  (fp32 rows also with TF32 allowed for the baselines), then the per-launch profile; it writes
 #                  its JSON after every row, so a run cut short by its limit still reports what it measured
+#   graph    60 s  (last: it gets what is left) bench/graph_check.py --engine: train.cuda_graph_loss (the loss
+#                  replayed from CUDA graphs) against the plain call, the same steps from the same start: hcd_loss alone at the headline
+#                  shape (SGD, 2 micro-batches per step) and the trainer step above; losses and ms per step
 # The GPU machine has PyTorch, Triton and timm but neither DeepSpeed nor a network: DeepSpeed's wheel and its
 # missing pure-Python dependencies travel in .whl/ (bench/fetch_wheels.sh writes them on a machine with pip
 # access) and are installed into /tmp/site first. With the device tool: carry [".whl"], command
-# `bash bench/gpu_check.sh`. Logs and JSON go to $OUT (log.txt, verify.json, steps.json, kernels.json,
-# metrics.jsonl: the tool brings back at most 8 files) or bench/results; the tables are printed last.
+# `bash bench/gpu_check.sh`. Logs and JSON go to $OUT (log.txt, verify.json, steps.json, graph.json,
+# kernels.json, metrics.jsonl: the tool brings back at most 8 files) or bench/results; the tables are printed last.
 #   HCD_COMMIT=<short hash> bash bench/gpu_check.sh      (HCD_COMMIT names the commit where .git did not travel)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,11 +78,13 @@ phase train 170 $PY -m hcd.engine.cli train --config configs/imagenet/swin_tiny-
 cp "$work/run/metrics.jsonl" "$dest/metrics.jsonl" 2>/dev/null
 phase kernels 200 $PY -m hcd.engine.cli bench --quick --only kernel,profile --out "$work/kernels"
 keep_json "$work/kernels" kernels.json
+# last: the switch is optional, the phases above measure the issue's targets
+phase graph 60 $PY bench/graph_check.py --engine --json "$dest/graph.json"
 
 report() { [ -f "$dest/$1" ] && $PY -m hcd.engine.cli bench --report "$dest/$1" 2>&1 || echo "(no $1)"; }
 echo "== machine"; cat "$work/machine.txt"
 echo "== phases (total $SECONDS s)"
-for name in verify steps train_data train kernels; do echo "$name: ${status[$name]:-not run}"; done
+for name in verify steps graph train_data train kernels; do echo "$name: ${status[$name]:-not run}"; done
 echo "== hcd verify --quick"
 grep -E "FAIL|all outputs|error|Error" "$work/verify.txt" 2>/dev/null | tail -n 20 || echo "(no verdict: see log.txt)"
 echo "== kernel rows (hcd bench --quick --only kernel,profile)"; report kernels.json | tail -n 60
@@ -87,4 +92,6 @@ echo "== hcd train smoke: configs/imagenet/swin_tiny-resnet18.yaml, 10 classes o
 tr '\r' '\n' < "$work/train.txt" 2>/dev/null | grep -E "val top-1|^stopped|^done|error|Error" | tail -n 12
 [ -f "$work/run/metrics.jsonl" ] && $PY bench/train_smoke.py table "$work/run"
 echo "== step rows (hcd bench --quick --only step)"; report steps.json
-for name in verify steps train_data train kernels; do [[ "${status[$name]:-}" == "exit 0 "* ]] || exit 1; done
+echo "== train.cuda_graph_loss: captured vs plain loss (bench/graph_check.py)"
+grep -v -E "^\s*$" "$work/graph.txt" 2>/dev/null | tail -n 12 || echo "(no graph check output)"
+for name in verify steps graph train_data train kernels; do [[ "${status[$name]:-}" == "exit 0 "* ]] || exit 1; done

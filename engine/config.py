@@ -53,6 +53,7 @@ class HeadConfig:
     stages: list = field(default_factory=lambda: [1, 2, 3, 4])   # S: student stages with a CFM head
     cfm_hidden: Optional[int] = None   # None: one Linear; H: Linear -> ReLU -> Linear(H -> n*C)
     backend: Literal["auto", "eager", "compile", "triton"] = "auto"
+    init: Literal["ofa", "torch"] = "ofa"   # projector/CFM init: OFA-KD's init_weights, or PyTorch's defaults
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ class TrainConfig:
                                             # crash then loses at most N steps); epoch ends always checkpoint
     channels_last: Optional[bool] = None    # NHWC student, projectors, teacher and inputs; null: on CUDA
     compile: Optional[Literal["none", "teacher", "student", "all"]] = None  # torch.compile; null: teacher on CUDA
+    dist_bn: Literal["reduce", "broadcast", "none"] = "reduce"  # BatchNorm statistics over ranks before every
+                                        # eval, checkpoint and export: averaged, rank 0's, or each rank's own
+    sync_bn: bool = False               # SyncBatchNorm in training (CUDA, several ranks)
+    cuda_graph_loss: bool = False          # replay hcd_loss's forward and backward from CUDA graphs (CUDA only)
 
 
 @dataclass
@@ -234,6 +239,11 @@ def validate(cfg: Config):
     need(not (cfg.train.compile in ("student", "all") and cfg.deepspeed.zero_stage == 3), "train.compile",
          f"{cfg.train.compile!r} with deepspeed.zero_stage 3: ZeRO-3's parameter-gathering hooks make torch.compile "
          "recompile past its limit and fall back to eager; compile 'teacher' only, or use ZeRO-1/2")
+    need(not (cfg.train.cuda_graph_loss and cfg.deepspeed.zero_stage == 3), "train.cuda_graph_loss",
+         "with deepspeed.zero_stage 3: ZeRO-3 re-gathers the CFM weights into new storage around every forward, "
+         "which a captured graph cannot follow; use ZeRO-0/1/2")
+    need(not (cfg.train.cuda_graph_loss and cfg.method != "hcd"), "train.cuda_graph_loss",
+         f"captures the HCD loss call (method 'hcd'), not method {cfg.method!r}")
 
 
 # Fields that name files or folders: a saved config holds them absolute, so it works from any directory

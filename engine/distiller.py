@@ -73,6 +73,32 @@ def linear_init_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
             nn.init.uniform_(bias, -bound, bound)
 
 
+def ofa_init_(module: nn.Module) -> None:
+    """OFA-KD's init_weights (docs/method.md, Modules: Initialisation): convs kaiming-normal (fan_out, ReLU),
+    BatchNorm 1/0, Linear trunc-normal std 0.02 with zero bias."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_heads_(init: str, *modules: nn.Module) -> None:
+    """head.init: "ofa" applies ofa_init_ to the modules, "torch" leaves PyTorch's default initialisation."""
+    if init not in ("ofa", "torch"):
+        raise ValueError(f"head.init: {init!r} is not one of 'ofa', 'torch'")
+    if init == "ofa":
+        for m in modules:
+            ofa_init_(m)
+
+
 class DistillOutput(NamedTuple):
     """A named tuple, so DeepSpeed ZeRO-3's module hooks see the tensors inside."""
     logits: torch.Tensor           # student logits (B, C)
@@ -81,10 +107,17 @@ class DistillOutput(NamedTuple):
 
 
 class HCDDistiller(nn.Module):
-    """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput."""
+    """Student + projectors + CFMs; forward(images, target, f_t, z_t) -> DistillOutput.
+
+    The contract every method keeps (engine/methods): `student`, `projectors` (compiled by train.compile),
+    `uses_teacher` (false: the trainer skips the teacher's forward and passes None), set_epoch(epoch) at the
+    start of every epoch (0-based; for methods whose weights follow the epoch), forward -> DistillOutput."""
+
+    uses_teacher = True
 
     def __init__(self, student: nn.Module, teacher_dim: int, num_classes: int, loss_cfg: HCDLossConfig,
-                 stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto"):
+                 stages: Optional[Sequence[int]] = None, cfm_hidden: Optional[int] = None, backend: str = "auto",
+                 init: str = "ofa"):
         super().__init__()
         # The student returns features for its own stages, in order: a different list here would put
         # stage-3 features into a stage-1 projector and log them under the wrong name.
@@ -94,6 +127,7 @@ class HCDDistiller(nn.Module):
         self.loss_cfg = loss_cfg
         self.stages = list(student.stages)
         self.backend = backend
+        self.loss_fn = hcd_loss  # hcd_loss's signature; train.cuda_graph_loss replays it from CUDA graphs
         d_p = projector_width(student.feature_dim, teacher_dim)
         self.projectors = nn.ModuleList(
             Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
@@ -110,6 +144,15 @@ class HCDDistiller(nn.Module):
                 hidden.append(nn.Sequential(nn.Linear(d_p + teacher_dim, cfm_hidden), nn.ReLU(inplace=True)))
             linear_init_(self.cfm_weight[s], self.cfm_bias[s])
         self.cfm_hidden = nn.ModuleList(hidden) if cfm_hidden else None
+        # head.init (docs/method.md, Modules: Initialisation): "ofa" re-initialises what "torch" drew above
+        init_heads_(init, self.projectors, *([self.cfm_hidden] if cfm_hidden else []))
+        if init == "ofa":  # the stacked CFM output Linears: trunc-normal 0.02, zero bias, as nn.Linear under ofa_init_
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.cfm_weight, std=0.02)
+                self.cfm_bias.zero_()
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
 
     def forward(self, images, target, f_t, z_t) -> DistillOutput:
         logits, feats = self.student(images)
@@ -120,14 +163,14 @@ class HCDDistiller(nn.Module):
             h = [layer(torch.cat([x.to(dtype), f_t], dim=1)) for layer, x in zip(self.cfm_hidden, h)]
             f_t = f_t[:, :0]
         x_s = torch.stack(h).to(dtype)  # (S, B, D_p or H): one copy, one cast at most
-        total, parts = hcd_loss(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
+        total, parts = self.loss_fn(x_s, f_t, self.cfm_weight, self.cfm_bias, z_t, logits, target, self.loss_cfg,
                                 backend=self.backend, stages=self.stages)
         return DistillOutput(logits=logits, loss=total, parts=parts)
 
 
 def build_distiller(cfg, device, rank: int = 0):
-    """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the student with a
-    projector and CFM per stage (identical initial weights on every rank), the student's normalisation."""
+    """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the module of
+    cfg.method around the student (identical initial weights on every rank), the student's normalisation."""
     from hcd.engine.models import build_student, build_teacher, norm_stats
     m = cfg.model
     if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
@@ -135,11 +178,20 @@ def build_distiller(cfg, device, rank: int = 0):
               "randomly initialised, and distilling from it teaches nothing (train.teacher_epochs is used by "
               "`hcd demo` only)", flush=True)
     torch.manual_seed(cfg.seed)
-    student = build_student(m.student, m.num_classes, cfg.head.stages, m.student_checkpoint, m.pretrained,
-                            m.student_kwargs)
+    staged = cfg.method in ("hcd", "ofa")  # the logit methods need no stage features
+    student = build_student(m.student, m.num_classes, cfg.head.stages if staged else [], m.student_checkpoint,
+                            m.pretrained, m.student_kwargs)
     mean, std = norm_stats(student.model)
     teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
                             student_mean=mean, student_std=std).to(device)
-    distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
-                             cfg.head.cfm_hidden, cfg.head.backend)
+    if cfg.method == "hcd":
+        distiller = HCDDistiller(student, teacher.feature_dim, m.num_classes, cfg.loss.hcd(), cfg.head.stages,
+                                 cfg.head.cfm_hidden, cfg.head.backend, cfg.head.init)
+    elif cfg.method == "ofa":
+        from hcd.engine.methods.ofa import OFADistiller
+        distiller = OFADistiller(student, teacher.feature_dim, m.num_classes, cfg.loss, cfg.head.backend,
+                                 cfg.head.init)
+    else:
+        from hcd.engine.methods.logits import LogitDistiller
+        distiller = LogitDistiller(student, cfg.method, cfg.loss, cfg.head.backend)
     return teacher, distiller, mean, std

@@ -50,20 +50,21 @@ def student_forward(engine):
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
     """Student (and teacher) accuracy on the val split from a checkpoint folder (a run's checkpoints/,
-    or one step folder in it) or from an exported student .safetensors. A checkpoint folder's student is
+    or one step folder in it) or from an exported student (its timm folder or its .safetensors). A checkpoint folder's student is
     also exported next to it (student.safetensors + .json in the step folder)."""
     p = Path(checkpoint_path)
     if not p.exists():
         raise ConfigError(f"--checkpoint: {p} not found")
     with distributed() as d:
-        if p.suffix == ".safetensors":
+        if p.suffix == ".safetensors" or (p / "config.json").is_file():
             return _evaluate_export(cfg, p, d)
         if (p / "latest").is_file():
             ckpt_dir, tag = p, checkpoint.read_pointer(p, "latest")
         elif p.is_dir() and p.name.startswith("step-"):
             ckpt_dir, tag = p.parent, p.name
         else:
-            raise ConfigError(f"--checkpoint: {p} is neither a checkpoints folder, a step-* folder nor a .safetensors file")
+            raise ConfigError(f"--checkpoint: {p} is neither a checkpoints folder, a step-* folder, an exported "
+                              "student folder (config.json) nor a .safetensors file")
         if tag is None:
             raise ConfigError(f"--checkpoint: {p}/latest names no existing checkpoint")
         return _evaluate_step_folder(cfg, ckpt_dir, tag, d)
@@ -93,8 +94,9 @@ def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int
     full = _load_optimizer_too(cfg, saved, d, ckpt_dir / tag)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
     shapes = parameter_shapes(distiller)
-    check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"parameters": shapes}, ckpt_dir / tag,
-                 "--checkpoint", hint="; the run's exported student.safetensors evaluates under any head settings")
+    check_layout(with_legacy_shapes(saved, ckpt_dir, tag, shapes), {"method": cfg.method, "parameters": shapes},
+                 ckpt_dir / tag, "--checkpoint", why="evaluate a checkpoint with its run's config (RUN/config.yaml)",
+                 hint="; the run's exported student.safetensors evaluates under any head settings")
     _, val_loader = build_run_loaders(cfg, mean, std, d)
     engine = build_engine(cfg, distiller, d)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not full,
@@ -114,9 +116,10 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     from hcd.engine.data import build_run_loaders
     from hcd.engine.export import load_exported
     from hcd.engine.models import norm_stats
-    if not weights.is_file() or not weights.with_suffix(".json").is_file():
-        raise ModelError(f"--checkpoint: {weights} or its {weights.with_suffix('.json').name} is missing")
-    arch = json.loads(weights.with_suffix(".json").read_text()).get("architecture")
+    meta = weights / "config.json" if weights.is_dir() else weights.with_suffix(".json")
+    if not meta.is_file() or not (weights.is_dir() or weights.is_file()):
+        raise ModelError(f"--checkpoint: {weights} or its {meta.name} is missing")
+    arch = json.loads(meta.read_text()).get("architecture")
     if arch != cfg.model.student:
         rank0_print(d, f"note: {weights.name} holds a {arch} (its .json says how to build it); the config's "
                        f"model.student ({cfg.model.student}) is not used")

@@ -1,13 +1,20 @@
-"""Export the student alone: timm weights as safetensors plus a pretrained_cfg JSON next to them, so
+"""Export the student alone, in two forms:
 
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="student.safetensors"),
-                      num_classes=K, **model_kwargs)
+- OUT/student/ in timm's own Hugging Face layout (timm.models.save_for_hf: config.json + model.safetensors), so
 
-loads it (the JSON holds name, num_classes, model_kwargs and the pretrained_cfg: mean, std, input size,
-class names). Projectors, CFMs and the teacher are training-time only and are not exported.
+      timm.create_model("local-dir:OUT/student", pretrained=True)
+
+  builds it with its classifier, model kwargs, pretrained_cfg (mean, std, input size, crop) and class names;
+- OUT/student.safetensors + OUT/student.json (name, num_classes, model_kwargs, pretrained_cfg, class names), the
+  earlier layout, kept readable for a release:
+      timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="student.safetensors",
+                        num_classes=K), num_classes=K, **model_kwargs)
+
+Projectors, CFMs and the teacher are training-time only and are not exported.
 """
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,7 +24,8 @@ import torch
 def export_student(state_dict: dict, out_dir, name: str, num_classes: int, *, model_kwargs: Optional[dict] = None,
                    mean=None, std=None, img_size: int = 224, crop_pct: float = 0.875,
                    class_names: Optional[Sequence[str]] = None, stem: str = "student") -> Path:
-    """Write OUT/<stem>.safetensors (fp32, contiguous) and OUT/<stem>.json; returns the weights path."""
+    """Write OUT/<stem>/ (timm's layout), OUT/<stem>.safetensors (fp32, contiguous) and OUT/<stem>.json;
+    returns the .safetensors path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{stem}.safetensors"
@@ -33,7 +41,32 @@ def export_student(state_dict: dict, out_dir, name: str, num_classes: int, *, mo
             "label_names": list(class_names) if class_names is not None else None,
             "pretrained_cfg": pretrained_cfg}
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    save_timm_folder(tensors, out_dir / stem, meta)
     return weights
+
+
+def save_timm_folder(tensors: dict, folder: Path, meta: dict) -> None:
+    """OUT/<stem>/ through timm.models.save_for_hf, written into a sibling temporary folder and renamed into
+    place (a crash leaves the previous export or none, never half of one); files readable as save_safetensors'."""
+    import timm
+    from timm.models import save_for_hf
+    model = timm.create_model(meta["architecture"], num_classes=meta["num_classes"], **meta["model_kwargs"])
+    model.load_state_dict(tensors)
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: v for k, v in meta["pretrained_cfg"].items()
+                                                      if v is not None and k != "file"}}
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    config = {"label_names": meta["label_names"]} if meta["label_names"] is not None else None
+    save_for_hf(model, str(tmp), model_config=config, model_args=meta["model_kwargs"] or None, safe_serialization=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
@@ -49,9 +82,12 @@ def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None)
 
 
 def load_exported(weights) -> torch.nn.Module:
-    """Build the timm model an export describes, through timm's own pretrained-weights path."""
+    """Build the timm model an export describes (a timm folder or a .safetensors + .json), through timm's own
+    pretrained-weights path."""
     import timm
     weights = Path(weights)
+    if weights.is_dir():
+        return timm.create_model(f"local-dir:{weights}", pretrained=True)
     meta = json.loads(weights.with_suffix(".json").read_text())
     overlay = {k: v for k, v in meta["pretrained_cfg"].items() if v is not None}
     overlay["file"] = str(weights)
@@ -91,4 +127,5 @@ def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem:
         path = export_student(sd, out_dir, cfg.model.student, cfg.model.num_classes,
                               model_kwargs=cfg.model.student_kwargs, mean=mean, std=std, img_size=cfg.data.img_size,
                               crop_pct=cfg.data.crop_pct, class_names=class_names, stem=stem)
-        print(f"exported the student: {path} (+ {path.with_suffix('.json').name})", flush=True)
+        print(f"exported the student: {path.with_suffix('')}/ (timm: create_model(\"local-dir:{path.with_suffix('')}\", "
+              f"pretrained=True)), and {path} + {path.with_suffix('.json').name}", flush=True)

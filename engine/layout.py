@@ -10,16 +10,16 @@ from hcd.engine import checkpoint
 from hcd.engine.config import Config, ConfigError
 from hcd.engine.errors import output_path_problem
 
-RESUME_RULE = ("a run resumes only with the same world size, data.batch_size, train.grad_accum, "
+RESUME_RULE = ("a run resumes only with the same method, world size, data.batch_size, train.grad_accum, "
                "deepspeed.zero_stage, train.precision and optim.name")
 
 
 def run_layout(cfg: Config, world: int, model: Optional[torch.nn.Module] = None) -> dict:
-    """What a resume must match: the data order and position (world size, per-rank batch, accumulation
-    give the shards and the step count per epoch), DeepSpeed's per-rank optimizer state (ZeRO stage,
-    precision, optimizer) and, with `model`, the shape of every parameter (model.*, head.* and
-    loss.n_sublogits decide them)."""
-    layout = {"world size (processes)": world, "data.batch_size": cfg.data.batch_size,
+    """What a resume must match: the method (it decides the modules), the data order and position (world
+    size, per-rank batch, accumulation give the shards and the step count per epoch), DeepSpeed's per-rank
+    optimizer state (ZeRO stage, precision, optimizer) and, with `model`, the shape of every parameter
+    (model.*, head.* and loss.n_sublogits decide them)."""
+    layout = {"method": cfg.method, "world size (processes)": world, "data.batch_size": cfg.data.batch_size,
               "train.grad_accum": cfg.train.grad_accum, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
               "train.precision": cfg.train.precision, "optim.name": cfg.optim.name}
     if model is not None:

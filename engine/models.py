@@ -135,7 +135,7 @@ class FrozenTeacher(nn.Module):
 
 
 class StudentModel(nn.Module):
-    """A timm CNN returning (logits, [stage feature maps for the requested stages])."""
+    """A timm CNN returning (logits, [stage feature maps for the requested stages]); stages may be empty."""
 
     def __init__(self, model: nn.Module, stages: Sequence[int]):
         super().__init__()
@@ -152,6 +152,8 @@ class StudentModel(nn.Module):
         self.feature_dim = model.num_features
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not self.indices:  # no stage used (the logit methods)
+            return self.model(images), []
         final, feats = self.model.forward_intermediates(images, indices=self.indices)
         return self.model.forward_head(final), feats
 

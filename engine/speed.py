@@ -4,7 +4,8 @@ contiguous, since DeepSpeed keeps them as views of flat buffers and broadcasts t
 NHWC kernels from an NHWC input anyway); cuDNN autotuning; the frozen teacher's
 weights kept in the run's 16-bit dtype (a frozen model needs no fp32 master copy); torch.compile of the
 teacher and/or the student side (student and projectors, compiled in place before DeepSpeed wraps them, so
-parameter names, checkpoints and exports do not change)."""
+parameter names, checkpoints and exports do not change); the loss call replayed from CUDA graphs
+(train.cuda_graph_loss, engine/loss_graph.py; refused off CUDA here, at build time)."""
 from typing import Tuple
 
 import torch
@@ -29,6 +30,9 @@ def prepare_models(cfg, teacher, distiller, device: torch.device):
         teacher.to(HALF[cfg.train.precision])
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
+    if cfg.train.cuda_graph_loss:
+        from hcd.engine.loss_graph import graphed_loss
+        distiller.loss_fn = graphed_loss(distiller, device)
     if what in ("student", "all"):
         distiller.student.compile()
         for projector in distiller.projectors:

@@ -1,8 +1,9 @@
-"""The HCD training loop on DeepSpeed (ZeRO 0-3), readable top to bottom: train() builds a Run, then
-train_one_epoch() until the schedule, a stop request or train.stop_at_step ends it.
+"""The distillation training loop on DeepSpeed (ZeRO 0-3), readable top to bottom: train() builds a Run, then
+train_one_epoch() until the schedule, a stop request or train.stop_at_step ends it. The method (HCD or a
+baseline, cfg.method) is the module inside the engine; nothing here depends on which one.
 
 One micro-batch: loader -> images, labels on device -> frozen teacher (outside DeepSpeed) -> f_t, z_t ->
-engine(images, labels, f_t, z_t) = student + projectors + CFMs + losses -> engine.backward / engine.step.
+engine(images, labels, f_t, z_t) = student + the method's heads and losses -> engine.backward / engine.step.
 Nothing in a step waits for the device: loss parts are summed on device (MetricWindow), a non-finite loss
 turns its step into a no-op on the device (StepHealth), and the host reads both only for a log row or a
 checkpoint. Stop requests are host flags, agreed between ranks in a gloo group at every optimizer step.
@@ -17,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hcd.engine.batchnorm import apply_sync_bn, distribute_bn
 from hcd.engine.checkpoint import Checkpointer, NonFiniteState, read_layout, tag_for
 from hcd.engine.config import Config, ConfigError, dump_config
 from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_group, distributed, rank0_print
@@ -72,10 +74,11 @@ class Run:
     pending: Optional[int] = None  # an epoch that ended inside an accumulation window, handled at its end
     lr: float = 0.0
     teacher_top1: float = 0.0
+    uses_teacher: bool = True      # false (method ce): no teacher forward in a step
 
 
 def train(cfg: Config, out=None, resume: bool = False) -> int:
-    """Distil cfg.model.student from cfg.model.teacher with HCD; returns the process exit code."""
+    """Distil cfg.model.student from cfg.model.teacher with cfg.method; returns the process exit code."""
     folder = Path(out or cfg.out).expanduser()
     cfg = dataclasses.replace(cfg, out=str(folder))  # the run's config.yaml names the folder it is in
     with distributed() as d:
@@ -100,6 +103,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     from hcd.engine.schedule import make_lr_lambda
     resume_tag = check_run_folder(folder, resume)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
+    distiller = apply_sync_bn(distiller, cfg.train.sync_bn, d.device, d.world)
     teacher_fn = prepare_models(cfg, teacher, distiller, d.device)
     train_loader, val_loader = build_run_loaders(cfg, mean, std, d)
     t, batches = cfg.train, len(train_loader)
@@ -132,6 +136,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
         _resume(run, resume_tag, prior_rows)
     run.health, run.control_group = StepHealth(d.device, run.state.nonfinite), control_group(d)
     run.channels_last = resolved(cfg, d.device)[0]
+    run.uses_teacher = distiller.uses_teacher
     run.log = MetricsLog(folder, d.rank)
     with window.paused():
         t1, t5, n_val = evaluate(lambda x: teacher_fn(x)[1], val_loader, d.device, desc="teacher eval")
@@ -163,6 +168,7 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Optional[str]:
     """The current epoch's remaining batches; returns why training stops (None: go on)."""
     s, loader = run.state, run.train_loader
     loader.set_epoch(s.epoch, start_batch=s.batch)
+    run.engine.module.distiller.set_epoch(s.epoch)  # the method's epoch-dependent weights (DKD's warm-up)
     run.engine.train()
     reason = None
     for images, labels in loader:
@@ -189,7 +195,7 @@ def _micro_step(run: Run, images, labels) -> None:
     """Forward and backward of one micro-batch, and the optimizer step at the end of a window: nothing
     here waits for the device (a non-finite loss makes the step a no-op on the device, health.py)."""
     images = input_layout(images, run.channels_last)
-    f_t, z_t = run.teacher(images)
+    f_t, z_t = run.teacher(images) if run.uses_teacher else (None, None)
     loss, _, parts = run.engine(images.to(compute_dtype(run.engine)), labels, f_t, z_t)
     run.health.observe(loss)
     run.lr = run.engine.get_lr()[0]  # the LR this optimizer step uses (host value, no sync)
@@ -244,6 +250,7 @@ def _log_row(run: Run, partial: bool = False) -> None:
 def _evaluate_student(run: Run, epoch) -> bool:
     """Val accuracy of the student, logged; returns whether it is the best so far."""
     s = run.state
+    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # every rank evaluates the same model
     run.engine.eval()
     top1, top5, n_val = evaluate(student_forward(run.engine), run.val_loader, run.d.device)
     run.engine.train()
@@ -259,6 +266,7 @@ def _evaluate_student(run: Run, epoch) -> bool:
 
 def _save(run: Run, best: bool = False) -> None:
     _check_health(run)
+    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # what is saved (rank 0's) is every rank's
     with run.window.paused():
         run.saver.save(run.state, best=best, window=run.window.state_dict())
 

@@ -1,11 +1,12 @@
 """`hcd verify`: the fused Triton losses against the float64 reference on this machine's device.
 
-CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp16 (bf16 tl.dot is wrong
-under the interpreter). The interpreter must be chosen before triton is imported, so on CPU this sets
-TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a child process when triton was
-already imported without it (on CUDA it clears the variable the same way). Pass rule and margins:
-kernels/testing.py. Imports only torch, triton (through kernels), kernels and hcd.engine.runinfo's version helpers:
-no DeepSpeed, DALI, timm.
+Losses: one stage's head, the student terms, hcd_loss, and the baselines dkd / dist / ofa (their loss and
+student gradient, teacher frozen). CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32
+and fp16 (bf16 tl.dot is wrong under the interpreter). The interpreter must be chosen before triton is
+imported, so on CPU this sets TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a
+child process when triton was already imported without it (on CUDA it clears the variable the same way).
+Pass rule and margins: kernels/testing.py. Imports only torch, triton (through kernels), kernels and
+hcd.engine.runinfo's version helpers: no DeepSpeed, DALI, timm.
 """
 import os
 import subprocess
@@ -19,12 +20,15 @@ from hcd.engine.runinfo import commit, resolve_device, versions, write_json
 
 # (name, Case kwargs, quick?). The ImageNet head takes ~1-2 minutes in the CPU interpreter: full run only.
 # hcd_loss (the one-call loss, 2 stages + the student, teacher side frozen) costs ~2.5 heads: in the CPU
-# interpreter it runs at the first shape only (~30 s; the CIFAR shape would add ~3 minutes).
+# interpreter it runs at the first shape only (~30 s; the CIFAR shape would add ~3 minutes), and so do the
+# baselines dkd, dist, ofa (~3 s each per dtype there; the CIFAR shape would add ~35 s).
 SHAPES = [
     ("odd", dict(B=47, C=123, n=3, Dp=40, Dt=24, teacher_grad=True), True),
     ("cifar", dict(B=128, C=100, n=4, Dp=512, Dt=384), True),
     ("imagenet", dict(B=256, C=1000, n=4, Dp=768, Dt=768), False),
 ]
+
+FIRST_SHAPE_ONLY = ("hcd_loss", "dkd", "dist", "ofa")  # in the CPU interpreter
 
 
 def _reexec(device, quick, interpret, json_path):
@@ -57,12 +61,18 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
             os.environ.pop("TRITON_INTERPRET", None)
 
     from hcd.kernels import HCDLossConfig
-    from hcd.kernels.testing import Case, check_head, check_loss, check_student
+    from hcd.kernels.testing import Case, check_baseline, check_head, check_loss, check_student
+
+    def baseline(loss):  # the baselines at the engine's defaults (testing.BASELINE_DEFAULTS), teacher frozen
+        return lambda case, cfg, dtype, **kw: check_baseline(loss, case, dtype, **kw)
+    checks = (("head", check_head), ("student", check_student), ("hcd_loss", check_loss),
+              ("dkd", baseline("dkd")), ("dist", baseline("dist")), ("ofa", baseline("ofa")))
 
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.startswith("cuda") else [])
     cfg = HCDLossConfig()
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU, Triton interpreter"
-    print(f"hcd verify: fused Triton vs float64 reference on {where}; defaults of HCDLossConfig, grad_output 2.5")
+    print(f"hcd verify: fused Triton vs float64 reference on {where}; defaults of HCDLossConfig and of "
+          f"dkd/dist/ofa_loss, grad_output 2.5")
     print("pass: max|ours-fp64| <= max|eager same dtype-fp64| + margin*max|fp64|  (kernels/testing.py)")
     header = f"{'shape':<9} {'loss':<8} {'dtype':<9} {'output':<6} {'max_abs':>10} {'max_rel':>10} {'tol':>10}  result"
     print(header)
@@ -73,8 +83,8 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
             continue
         case = Case(**kw)
         for dtype in dtypes:
-            for loss, check in (("head", check_head), ("student", check_student), ("hcd_loss", check_loss)):
-                if loss == "hcd_loss" and interpret and name != SHAPES[0][0]:
+            for loss, check in checks:
+                if loss in FIRST_SHAPE_ONLY and interpret and name != SHAPES[0][0]:
                     continue
                 t0 = time.perf_counter()
                 rows = check(case, cfg, dtype, device=device, backend="triton", grad_scale=2.5)

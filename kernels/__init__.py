@@ -1,5 +1,6 @@
 """The HCD losses behind one API: hcd_loss (the whole step: every stage's head and the student terms, the
-engine's path), hcd_head_loss (one stage's head) and student_loss (CE + KD).
+engine's path), hcd_head_loss (one stage's head) and student_loss (CE + KD); and the baselines of
+docs/method.md, Baselines: dkd_loss, dist_loss, ofa_loss (references: hcd.kernels.baselines_reference).
 
 backend: "eager" (hcd.kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
 functions), "triton" (the fused kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto"
@@ -12,6 +13,9 @@ otherwise; they are kept so that every backend returns every input's gradient (t
 that tests/kernels and `hcd verify` check the fused kernels against the reference's full gradient.
 hcd_loss, the engine's one call, has no such path: it refuses a teacher_logits or x_teacher that requires
 grad (a ValueError naming it, on every backend), so its kernels never carry teacher-gradient code.
+The baselines (dkd_loss, dist_loss, ofa_loss) do the same: the teacher is frozen in every baseline, so a
+teacher_logits that requires grad while autograd records is a ValueError; gradients flow to the first
+argument only.
 """
 import functools
 import importlib
@@ -19,11 +23,12 @@ import os
 
 import torch
 
-from hcd.kernels import reference
+from hcd.kernels import baselines_reference, reference
 from hcd.kernels.config import HCDLossConfig
-from hcd.kernels.validation import check_head_inputs, check_loss_inputs, check_student_inputs
+from hcd.kernels.validation import check_baseline_inputs, check_head_inputs, check_loss_inputs, check_student_inputs
 
-__all__ = ["hcd_loss", "hcd_head_loss", "student_loss", "HCDLossConfig", "BACKENDS", "resolve_backend"]
+__all__ = ["hcd_loss", "hcd_head_loss", "student_loss", "dkd_loss", "dist_loss", "ofa_loss", "HCDLossConfig",
+           "BACKENDS", "resolve_backend"]
 
 BACKENDS = ("auto", "eager", "compile", "triton")
 
@@ -132,3 +137,39 @@ def loss_part_names(stages) -> tuple:
     """hcd_loss's part names, in the order of its values: stages is a tuple of stage numbers or a count S."""
     stages = tuple(range(1, stages + 1)) if isinstance(stages, int) else stages
     return ("ce", "kd", "sce", "skl", "ol") + tuple(f"{term}{i}" for term in ("sce", "skl", "ol") for i in stages)
+
+
+def _baseline(loss, args, params, backend):
+    """Run baseline `loss` ("dkd" | "dist" | "ofa") on its validated args on the chosen backend."""
+    backend = resolve_backend(backend, args[0].device)
+    if backend == "triton":
+        from hcd.kernels import baselines
+        return getattr(baselines, f"{loss}_loss_triton")(*args, *params)
+    fn = getattr(baselines_reference, f"{loss}_loss_eager")
+    return (fn if backend == "eager" else _compiled(fn))(*args, *params)
+
+
+def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0, backend="auto"):
+    """DKD (Zhao et al., CVPR 2022): alpha*TCKD + beta*NCKD, each T^2-scaled, batch mean; a 0-dim tensor.
+
+    student_logits, teacher_logits (B, C), C >= 2, the teacher frozen (not requiring grad); target (B,) int64
+    labels or (B, C) probabilities (their argmax is the label, as the reference code does)."""
+    y = check_baseline_inputs("dkd_loss", "student_logits", student_logits, teacher_logits, target,
+                              alpha=alpha, beta=beta, temperature=temperature)
+    return _baseline("dkd", (student_logits, teacher_logits, y), (alpha, beta, temperature), backend)
+
+
+def dist_loss(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, backend="auto"):
+    """DIST (Huang et al., NeurIPS 2022): T^2 (beta (1 - mean row Pearson) + gamma (1 - mean column Pearson))
+    of softmax(z / T); a 0-dim tensor. Logits (B, C), C >= 2, the teacher frozen."""
+    check_baseline_inputs("dist_loss", "student_logits", student_logits, teacher_logits, None,
+                          beta=beta, gamma=gamma, temperature=temperature)
+    return _baseline("dist", (student_logits, teacher_logits), (beta, gamma, temperature), backend)
+
+
+def ofa_loss(logits, teacher_logits, target, eps=1.0, temperature=1.0, backend="auto"):
+    """OFA (Hao et al., NeurIPS 2023): mean_b -sum_c ((p_t + 1_y)^eps - 1_y)_c log p_c, p = softmax(logits / T),
+    p_t = softmax(teacher_logits / T), no T^2 (as the reference); a 0-dim tensor. logits is a stage head's
+    or the student's (B, C), C >= 2; the teacher frozen; target as in dkd_loss."""
+    y = check_baseline_inputs("ofa_loss", "logits", logits, teacher_logits, target, eps=eps, temperature=temperature)
+    return _baseline("ofa", (logits, teacher_logits, y), (eps, temperature), backend)

@@ -1,5 +1,6 @@
-"""Triton row helpers shared by the fused heads (kernels/hcd_head.py, kernels/student.py): softmax
-statistics and label-smoothed CE of one masked fp32 row held in registers."""
+"""Triton row helpers shared by the fused heads (kernels/hcd_head.py, kernels/student.py, kernels/baselines.py):
+softmax statistics, label-smoothed CE and the non-target mass of one masked fp32 row held in registers, and
+accurate log1p / expm1."""
 import triton
 import triton.language as tl
 
@@ -16,10 +17,32 @@ def softmax_stats(x, mask):
     e = tl.exp(tl.where(mask, x - m, -float("inf")))
     top = mask & (x == m)
     rest = tl.sum(tl.where(top, 0.0, e), axis=0) + (tl.sum(top.to(tl.float32), axis=0) - 1.0)
-    u = 1.0 + rest
+    return m, e, 1.0 + rest, log1p(rest)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) accurate for small x (the u = 1 + x, log(u) * x / (u - 1) trick)."""
+    u = 1.0 + x
     d = u - 1.0
-    log_s = tl.where(d == 0.0, rest, tl.log(u) * (rest / tl.where(d == 0.0, 1.0, d)))  # accurate log1p
-    return m, e, u, log_s
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 accurate for small x (Kahan: (u - 1) * x / log(u), u = exp(x))."""
+    u = tl.exp(x)
+    d = u - 1.0
+    return tl.where(d == 0.0, x, d * (x / tl.log(tl.where(d == 0.0, 2.0, u))))
+
+
+@triton.jit
+def other_mass(a, mask, is_y, m, log_s):
+    """(q, log_b): q = the softmax of the masked row a over its non-target classes (0 at y and off the mask),
+    log_b = log(1 - p_y) = lse_{c != y}(a) - lse(a), never rounded through 1 - p_y; (m, log_s) are the whole
+    row's softmax_stats. Needs C >= 2 (the other classes are not empty)."""
+    m_o, e_o, s_o, log_s_o = softmax_stats(a, mask & (is_y == 0))
+    return e_o / s_o, (m_o - m) + (log_s_o - log_s)
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """FLOP / byte model of the fused launches: pure Python (no Triton import), read by the benchmarks.
 
 Bytes are compulsory DRAM traffic; the launch plans behind these numbers are described at the top of
-kernels/hcd_head.py and kernels/student.py.
+kernels/hcd_head.py, kernels/student.py and kernels/hcd_step.py (hcd_loss: the whole step's loss).
 """
 
 
@@ -34,5 +34,32 @@ def student_flops_bytes(B, C, dtype_bytes):
     launches = {"row": (25 * B * C, 2 * B * C * e + 8 * B + 4 * B * C + 12 * B),
                 "loss_sum": (3 * B, 12 * B + 12),
                 "dz_scale": (B * C, B * C * (4 + e))}
+    launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
+    return launches
+
+
+def loss_flops_bytes(S, B, C, n, Dp, Dt, dtype_bytes, weight_bytes=None, bias=True):
+    """Per-launch (flops, bytes) of hcd_loss's fused plan (kernels/hcd_step.py): S stages' heads and the
+    student's CE + KD, forward + backward, every trainable gradient needed (x_students, weights, biases,
+    student logits; the teacher side is frozen, so dX covers the Dp columns only). x_students is one
+    (S, B, Dp) tensor (a sequence costs a torch.stack more, not counted).
+
+    Compulsory DRAM traffic as in head_flops_bytes; what the stages share is counted once: x_teacher (read by
+    every stage's tiles of the grouped GEMMs, group stride 0), the logits and labels (read by every stage's
+    row programs). Per (row, stage) the row kernel writes a K = 6 + 3*S column row of loss partials."""
+    e, w = dtype_bytes, (weight_bytes or dtype_bytes)
+    N, D, K = n * C, Dp + Dt, 6 + 3 * S
+    nb = S * N * w if bias else 0
+    x = S * B * Dp * e + B * Dt * e  # x_students and the shared x_teacher
+    launches = {
+        "z_gemm": (2 * S * B * N * D, x + S * N * D * w + nb + 4 * S * B * N),
+        # per stage the head's row terms; the student's once (on stage 0's programs)
+        "row": (S * (60 * B * N + 2 * B * n * N) + 25 * B * C,
+                4 * S * B * N + 2 * B * C * e + 8 * B + 4 * S * B * N + 4 * S * B * C + 4 * B * S * K),
+        "loss_sum": (B * S * K, 4 * B * S * K + 4 * K),
+        "dx_gemm": (2 * S * B * N * Dp, 4 * S * B * N + S * N * Dp * w + S * B * Dp * e),
+        "dw_gemm": (2 * S * N * B * D + S * B * N, 4 * S * B * N + x + S * N * D * w + nb),
+        "dz_sum": ((S + 1) * B * C, 4 * S * B * C + B * C * e),  # S adds and the grad_output multiply
+    }
     launches["total"] = tuple(sum(v[i] for v in launches.values()) for i in range(2))
     return launches

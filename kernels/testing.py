@@ -30,6 +30,15 @@ HEAD_OUTPUTS = {"loss": None, "ce": None, "kl": None, "ol": None, "dx_s": "x_stu
 STUDENT_OUTPUTS = {"loss": None, "ce": None, "kd": None, "dz_s": "student_logits", "dz_t": "teacher_logits"}
 # hcd_loss: the loss parts come from its parts dict; the teacher side is frozen there (no dz_t, no dx_t)
 LOSS_OUTPUTS = {"loss": None, "dx_s": "x_students", "dW": "weights", "db": "biases", "dz_s": "student_logits"}
+# dkd_loss / dist_loss / ofa_loss: the loss and the gradient of the first argument (the teacher is frozen)
+BASELINE_OUTPUTS = {"loss": None, "dz_s": "student_logits"}
+# each baseline's tensor arguments, in order, as make_inputs names them; the engine's defaults
+BASELINE_ARGS = {"dkd": ("student_logits", "teacher_logits", "target"),
+                 "dist": ("student_logits", "teacher_logits"),
+                 "ofa": ("student_logits", "teacher_logits", "target")}
+BASELINE_DEFAULTS = {"dkd": dict(alpha=1.0, beta=8.0, temperature=4.0),
+                     "dist": dict(beta=1.0, gamma=1.0, temperature=1.0),
+                     "ofa": dict(eps=1.0, temperature=1.0)}
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,27 @@ def run_loss(inputs: dict, cfg: HCDLossConfig, backend: str, grad_scale: float =
     from hcd.kernels import hcd_loss
     names = ("x_students", "x_teacher", "weights", "biases", "teacher_logits", "student_logits", "target")
     return _run(hcd_loss, names, LOSS_OUTPUTS, inputs, cfg, backend, grad_scale)
+
+
+def run_baseline(loss: str, inputs: dict, params: dict, backend: str, grad_scale: float = 1.0) -> dict:
+    """hcd.kernels.<loss>_loss (loss: "dkd" | "dist" | "ofa") with params: its value and dz_s."""
+    import hcd.kernels
+    fn = getattr(hcd.kernels, f"{loss}_loss")
+
+    def call(*args, backend):  # _run's calling convention; args end with its (unused) cfg
+        return fn(*args[:-1], **params, backend=backend), {}
+    return _run(call, BASELINE_ARGS[loss], BASELINE_OUTPUTS, inputs, None, backend, grad_scale)
+
+
+def check_baseline(loss: str, case: Case, dtype: torch.dtype, device="cpu", backend="triton", grad_scale: float = 1.0,
+                   **params) -> list:
+    """Rows of the tolerance rule for a baseline on one case (teacher frozen; params default to the engine's)."""
+    params = {**BASELINE_DEFAULTS[loss], **params}
+    inputs = make_inputs(replace(case, n=1, Dp=1, Dt=1, teacher_grad=False), dtype, device)
+    ref = run_baseline(loss, as_float64(inputs), params, "eager", grad_scale)
+    eager = run_baseline(loss, inputs, params, "eager", grad_scale)
+    ours = run_baseline(loss, inputs, params, backend, grad_scale)
+    return compare(ours, eager, ref, dtype)
 
 
 def _collect(labels: dict, tensors: dict, total, parts) -> dict:

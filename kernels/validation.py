@@ -1,4 +1,6 @@
 """Input checks shared by every backend: bad input is a ValueError naming the argument, never a kernel crash."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,3 +141,36 @@ def _check_stages(x_students):
         _check_float(f"x_students[{i}]", t, first.dtype, first.device)
         _check_shape(f"x_students[{i}]", t, first.shape)
     return (len(x_students), *first.shape, first.dtype, first.device)
+
+
+def check_baseline_inputs(loss, name, logits, teacher_logits, target, **params):
+    """Validate a baseline loss's inputs (dkd_loss, dist_loss, ofa_loss); returns the (B,) int64 labels.
+
+    name is the first argument's name (OFA calls it "logits"); target is None for DIST, else (B,) int64 labels
+    or (B, C) probabilities (mixup / cutmix), whose argmax is the label as in the reference code. The teacher
+    is frozen in these losses: a teacher_logits that requires grad while autograd records is refused.
+    params are the float hyperparameters; "temperature" must be > 0."""
+    _check_float(name, logits, None, None)
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: expected 2-D (B, C), got shape {tuple(logits.shape)}")
+    B, C = logits.shape
+    if C < 2:
+        raise ValueError(f"{name}: {loss} needs at least 2 classes, got shape {tuple(logits.shape)}")
+    _check_float("teacher_logits", teacher_logits, logits.dtype, logits.device)
+    _check_shape("teacher_logits", teacher_logits, logits.shape)
+    if torch.is_grad_enabled() and teacher_logits.requires_grad:
+        raise ValueError(f"teacher_logits: requires grad, but {loss} treats the teacher as frozen and returns no "
+                         "teacher gradient; pass it detached")
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    if params.get("temperature", 1.0) <= 0:
+        raise ValueError(f"temperature: must be > 0, got {params['temperature']!r}")
+    if target is None:
+        return None
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 2:
+        _check_float("target", target, None, logits.device)
+        _check_shape("target", target, (B, C))
+        return target.argmax(dim=1)
+    check_target(target, B, C, logits.device)
+    return target

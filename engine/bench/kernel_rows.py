@@ -1,7 +1,10 @@
-"""One kernel row of `hcd bench`: a loss (HCD head or student) at one shape, dtype and mode, timed for each
-backend (eager, torch.compile, the fused Triton path), with the fused path's achieved rates.
+"""One kernel row of `hcd bench`: a loss (one stage's HCD head, the student terms, or the whole loss of a
+step: hcd_loss over LOSS_STAGES heads + the student) at one shape, dtype and mode, timed for each backend
+(eager, torch.compile, the fused Triton path), with the fused path's achieved rates.
 
-Inputs come from hcd.kernels.testing.make_inputs: the same generator the tests and `hcd verify` use.
+Inputs come from hcd.kernels.testing.make_inputs / make_loss_inputs: the generators the tests and `hcd verify`
+use. A whole-loss row also holds its device-time floor (the cost model at the card's peaks) and the ratios
+issue 14's targets read: fused device time over the floor, torch.compile's over the fused one.
 """
 import contextlib
 import gc
@@ -11,11 +14,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from hcd.engine.bench.plan import DTYPES
-from hcd.engine.bench.roofline import head_cost, per_second, roofline_for, roofline_seconds, student_cost
+from hcd.engine.bench.roofline import (floor_ms, head_cost, loss_cost, per_second, roofline_for, roofline_seconds,
+                                       student_cost)
 from hcd.engine.bench.shapes import configs_for, shape_dict
 from hcd.engine.bench.timing import clear_grads, graph_ms, host_ms, time_ms, try_cuda
-from hcd.kernels import HCDLossConfig, hcd_head_loss, student_loss
-from hcd.kernels.testing import Case, make_inputs
+from hcd.kernels import HCDLossConfig, hcd_head_loss, hcd_loss, student_loss
+from hcd.kernels.testing import Case, make_inputs, make_loss_inputs
+
+LOSS_STAGES = 4  # a whole-loss row: the four stages of the shipped configs' students, and the student terms
 
 
 def head_loss_fn(inp: dict, cfg: HCDLossConfig, backend: str) -> Callable[[], torch.Tensor]:
@@ -27,6 +33,27 @@ def head_loss_fn(inp: dict, cfg: HCDLossConfig, backend: str) -> Callable[[], to
 def student_loss_fn(inp: dict, cfg: HCDLossConfig, backend: str) -> Callable[[], torch.Tensor]:
     return lambda: student_loss(inp["student_logits"], inp["teacher_logits"], inp["target"], cfg,
                                 backend=backend)[0]
+
+
+def whole_loss_fn(inp: dict, cfg: HCDLossConfig, backend: str) -> Callable[[], torch.Tensor]:
+    """hcd_loss over make_loss_inputs's stacked stages; "compile" is torch.compile of the reference loss."""
+    return lambda: hcd_loss(inp["x_students"], inp["x_teacher"], inp["weights"], inp["biases"],
+                            inp["teacher_logits"], inp["student_logits"], inp["target"], cfg, backend=backend)[0]
+
+
+def kind_inputs(kind: str, shape: Case, dtype, device) -> dict:
+    if kind == "loss":
+        return make_loss_inputs(shape, LOSS_STAGES, dtype, device)
+    return make_inputs(shape, dtype, device)
+
+
+def kind_cost(kind: str, shape: Case, dtype_bytes: int, mode: str):
+    """(FLOP, bytes) of the fused path of a row's kind in `mode`."""
+    if kind == "head":
+        return head_cost(shape, dtype_bytes, mode)
+    if kind == "loss":
+        return loss_cost(shape, LOSS_STAGES, dtype_bytes, mode)
+    return student_cost(shape.B, shape.C, dtype_bytes, mode)
 
 
 def grad_tensors(inp: dict) -> List[torch.Tensor]:
@@ -118,8 +145,8 @@ def bench_kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device,
     CUDA-graph replay, the fused call's host issue time), the fused path's TFLOP/s, GB/s and roofline
     fraction on both time bases, peak memory."""
     cfg = HCDLossConfig(n_sublogits=shape.n)
-    inp = make_inputs(shape, DTYPES[dtype_name], device)
-    make = head_loss_fn if kind == "head" else student_loss_fn
+    inp = kind_inputs(kind, shape, DTYPES[dtype_name], device)
+    make = {"head": head_loss_fn, "student": student_loss_fn, "loss": whole_loss_fn}[kind]
     if fresh_compile:
         torch._dynamo.reset()
     def build(backend):
@@ -138,10 +165,9 @@ def kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, m: Me
     baselines with TF32 allowed). Triton on CPU is the interpreter: no rate from it."""
     interp = device.type == "cpu" and "triton" in m.ms
     nbytes = torch.finfo(DTYPES[dtype_name]).bits // 8
-    flops, moved = (head_cost(shape, nbytes, mode) if kind == "head"
-                    else student_cost(shape.B, shape.C, nbytes, mode))
+    flops, moved = kind_cost(kind, shape, nbytes, mode)
     fused, fused_dev = m.ms.get("triton"), m.device.get("triton")
-    row = {"kernel": kind, "shape": shape_dict(shape), "configs": configs_for(shape) if kind == "head" else [],
+    row = {"kernel": kind, "shape": shape_dict(shape), "configs": configs_for(shape) if kind != "student" else [],
            "dtype": dtype_name, "mode": mode,
            "eager_ms": m.ms.get("eager"), "compile_ms": m.ms.get("compile"), "fused_ms": fused,
            "fused_tflops": per_second(flops, fused) if not interp else None,
@@ -158,4 +184,19 @@ def kernel_row(kind: str, shape: Case, dtype_name: str, mode: str, device, m: Me
         t_roof = roofline_seconds(roof, dtype_name, flops, moved)
         row["roofline_fraction"] = t_roof / (fused * 1e-3) if fused else None
         row["roofline_fraction_device"] = t_roof / (fused_dev * 1e-3) if fused_dev else None
+    if kind == "loss":
+        row.update(loss_targets(m, m_tf32, floor_ms(roof, dtype_name, (flops, moved))))
     return row
+
+
+def loss_targets(m: Measured, m_tf32: Optional[Measured], floor: Optional[float]) -> dict:
+    """A whole-loss row's reading of issue 14's targets, on device time (CUDA-graph replay; None where it was
+    not measured): fused over the floor (target <= 2), torch.compile of the reference loss over fused (target
+    >= 2), the latter also with TF32 allowed for compile's GEMMs (fp32 rows)."""
+    fused = m.device.get("triton")
+
+    def over(a, b):
+        return a / b if a and b else None
+    tf32 = (m_tf32.device if m_tf32 is not None else {}).get("compile")
+    return {"stages": LOSS_STAGES, "floor_ms": floor, "fused_over_floor": over(fused, floor),
+            "compile_over_fused": over(m.device.get("compile"), fused), "compile_tf32_over_fused": over(tf32, fused)}

@@ -1,4 +1,7 @@
-"""Which kernel rows `hcd bench` measures on this machine: (kind, shape, dtype, mode, backends) tuples."""
+"""Which kernel rows `hcd bench` measures on this machine: (kind, shape, dtype, mode, backends) tuples.
+
+kind: "head" (one stage's hcd_head_loss), "student" (student_loss), "loss" (hcd_loss: LOSS_STAGES heads of the
+shape + the student terms, forward + backward: the row issue 14's whole-loss targets are read from)."""
 import os
 from typing import List, Optional
 
@@ -21,9 +24,12 @@ def kernel_plan(device, quick, dtypes: Optional[List[str]] = None, ns: Optional[
     for shape in shapes:
         for mode in (("full",) if quick else MODES):
             plan.append(("head", shape, "fp32", mode, ["eager", "compile"]))
+    plan.append(("loss", CPU_SHAPES[0], "fp32", "full", ["eager", "compile"]))
     plan.append(("student", STUDENT_SHAPES[-1], "fp32", "full", ["eager", "compile"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter is slow: one tiny shape, numerics only
-        plan.append(("head", INTERPRETER_SHAPE, "fp32", "full", ["eager", "triton"]))
+        # (the whole loss, S = 4 stages, takes ~10 s a call there: left out of --quick)
+        plan += [(kind, INTERPRETER_SHAPE, "fp32", "full", ["eager", "triton"])
+                 for kind in ("head",) + (() if quick else ("loss",))]
     return plan
 
 
@@ -34,6 +40,8 @@ def _cuda_plan(quick, dtypes, ns):
     shapes = sorted(shapes, key=lambda s: (s != first, -s.B * s.C, s.n != 4, s.n, -s.Dp, -s.Dt))
     dts = [d for d in (("bf16", "fp32") if quick and dtypes is None else ("bf16", "fp16", "fp32"))
            if dtypes is None or d in dtypes]
-    plan = [("head", shape, dt, mode, None) for shape in shapes for dt in dts for mode in MODES]
+    # per shape and dtype the whole loss (full: the targets are forward + backward) before the head's modes
+    plan = [row for shape in shapes for dt in dts
+            for row in [("loss", shape, dt, "full", None)] + [("head", shape, dt, mode, None) for mode in MODES]]
     plan += [("student", shape, dt, "full", None) for shape in STUDENT_SHAPES for dt in dts]
     return plan

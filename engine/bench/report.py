@@ -29,7 +29,7 @@ def format_table(rows: List[dict]) -> str:
         interp = r.get("interpreter")
         fused = _fmt(r["fused_ms"]) + ("i" if interp else "")
         ratios = (None, None) if interp else (_ratio(r["eager_ms"], r["fused_ms"]), _ratio(r["compile_ms"], r["fused_ms"]))
-        dims = (s["Dp"], s["Dt"]) if r["kernel"] == "head" else ("", "")
+        dims = (s["Dp"], s["Dt"]) if r["kernel"] != "student" else ("", "")
         line = (f"{r['kernel']:7} {s['B']:>4} {s['C']:>5} {s['n']:>2} {dims[0]:>4} {dims[1]:>4} {r['dtype']:5} {r['mode']:8} "
                 f"{_fmt(r['eager_ms']):>8} {_fmt(r['compile_ms']):>8} {fused:>9} {_fmt(ratios[0], '.2f'):>7} "
                 f"{_fmt(ratios[1], '.2f'):>7}")
@@ -44,6 +44,10 @@ def format_table(rows: List[dict]) -> str:
         mem = (r.get("peak_mem_mb") or {}).get("triton")
         lines.append(line + f" {_fmt(mem, '.0f'):>6}")
     lines.append("times in ms (medians)")
+    loss = [r for r in rows if r["kernel"] == "loss"]
+    if loss:
+        lines.append(f"loss = hcd_loss, the whole loss of a step: {loss[0].get('stages', 4)} heads of the shape + the "
+                     "student terms in one call (compile: torch.compile of the reference loss)")
     if any(r.get("interpreter") for r in rows):
         lines.append("'i' = Triton interpreter on CPU, not a speed: left out of the ratios")
     elif not gpu:
@@ -56,6 +60,27 @@ def format_table(rows: List[dict]) -> str:
         failed = sorted({f"{b}: {e}" for r in rows for b, e in (r.get("device_errors") or {}).items()})
         lines += [f"graph capture failed, {e}" for e in failed]
     return "\n".join(lines)
+
+
+def _loss_target_line(r: dict) -> str:
+    s, d = r["shape"], r.get("device_ms") or {}
+    return (f"{'loss':10} {s['B']:>4} {s['C']:>5} {s['n']:>2} {s['Dp']:>4} {s['Dt']:>4} {r['dtype']:5} "
+            f"{_fmt(d.get('triton')):>7} {_fmt(r.get('floor_ms'), '.4f'):>7} "
+            f"{_fmt(r.get('fused_over_floor'), '.2f'):>7} {_fmt(d.get('compile')):>7} "
+            f"{_fmt(r.get('compile_over_fused'), '.2f'):>7} {_fmt((r.get('device_tf32_ms') or {}).get('compile')):>8} "
+            f"{_fmt(r.get('compile_tf32_over_fused'), '.2f'):>7}")
+
+
+def format_loss_targets(rows: List[dict]) -> str:
+    """The whole-loss rows measured on a GPU against issue 14's targets, device time (CUDA-graph replay):
+    fused <= 2x its device-time floor, torch.compile of the reference loss >= 2x fused (IEEE and TF32)."""
+    head = (f"{'whole loss':10} {'B':>4} {'C':>5} {'n':>2} {'Dp':>4} {'Dt':>4} {'dtype':5} {'g.fused':>7} {'floor':>7} "
+            f"{'fus/flr':>7} {'g.comp':>7} {'cmp/fus':>7} {'g.c.tf32':>8} {'ctf/fus':>7}")
+    body = [_loss_target_line(r) for r in rows if r["kernel"] == "loss" and "device_ms" in r]
+    note = ("issue 14 targets, device ms per call (CUDA-graph replay): fus/flr <= 2 (floor: the cost model at the "
+            "card's peak FLOP/s and bandwidth, engine/bench/roofline.py), cmp/fus and ctf/fus >= 2 (torch.compile "
+            "of the reference loss, IEEE fp32 / TF32 allowed: fp32 rows only)")
+    return "\n".join([head, "-" * len(head), *body, note]) if body else ""
 
 
 def _launch_label(x: dict) -> str:
@@ -130,8 +155,9 @@ def format_step_table(rows: List[dict]) -> str:
 def report(result: dict) -> str:
     """Every table of one results JSON."""
     parts = [format_table(result["kernel"])] if result.get("kernel") else []
-    if format_tf32_table(result.get("kernel") or []):
-        parts.append(format_tf32_table(result["kernel"]))
+    for table in (format_tf32_table, format_loss_targets):
+        if table(result.get("kernel") or []):
+            parts.append(table(result["kernel"]))
     if result.get("profile"):
         parts.append(format_profile(result["profile"]))
     if result.get("step"):

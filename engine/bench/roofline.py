@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from hcd.kernels.costs import head_flops_bytes, student_flops_bytes
+from hcd.kernels.costs import head_flops_bytes, loss_flops_bytes, student_flops_bytes
 from hcd.kernels.testing import Case
 
 # Dense peaks (TFLOP/s without sparsity; fp32 = non-tensor-core IEEE, what torch uses by default) and HBM GB/s.
@@ -15,7 +15,7 @@ ROOFLINES = {
 }
 
 FORWARD_LAUNCHES = ("z_gemm", "row", "loss_sum")   # the fused forward (dLoss/dZ is computed in it)
-BACKWARD_LAUNCHES = ("dx_gemm", "dw_gemm", "dz_scale")
+BACKWARD_LAUNCHES = ("dx_gemm", "dw_gemm", "dz_scale", "dz_sum")  # dz_sum: hcd_loss's dz_scale
 
 
 def _mode_cost(launches: dict, mode: str):
@@ -38,6 +38,17 @@ def head_cost(shape: Case, dtype_bytes: int, mode: str):
 
 def student_cost(B: int, C: int, dtype_bytes: int, mode: str):
     return _mode_cost(student_flops_bytes(B, C, dtype_bytes), mode)
+
+
+def loss_cost(shape: Case, stages: int, dtype_bytes: int, mode: str):
+    """(FLOP, bytes) of hcd_loss in `mode`: `stages` heads of `shape` and the student terms (teacher frozen)."""
+    s = shape
+    return _mode_cost(loss_flops_bytes(stages, s.B, s.C, s.n, s.Dp, s.Dt, dtype_bytes, bias=s.bias), mode)
+
+
+def floor_ms(roof: Optional[dict], dtype_name: str, cost) -> Optional[float]:
+    """The device-time floor of a (FLOP, bytes) cost on a card (roofline_seconds), in ms; None off the table."""
+    return roofline_seconds(roof, dtype_name, *cost) * 1e3 if roof else None
 
 
 def per_second(amount, ms, unit=1e12):

@@ -6,8 +6,8 @@ synthetic batch already on the device (no loader in the timing).
   DeepSpeed engine from build_engine with the trainer's LR schedule, and each call is
   hcd.engine.trainer._micro_step on a minimal Run: the bench drives the trainer's own micro-step (looked
   up at call time), so what it times cannot drift from what `hcd train` runs.
-- kd: the same machinery (config, prepared models, DeepSpeed engine, _micro_step) with KDDistiller, a
-  distiller without heads (student CE + KD only): what HCD costs over KD.
+- kd: the same machinery (config, prepared models, DeepSpeed engine, _micro_step) with `method: kd` (the
+  student alone, CE + KD through hcd.kernels.student_loss): what HCD costs over KD as users run KD.
 - reference: the loop a user would otherwise write (OFA-KD style): the same models and batch, the eager
   reference losses, torch.autocast bf16 on CUDA, NCHW, no compile, plain (not fused) torch.optim.SGD,
   loss.backward(), no DeepSpeed; cuDNN autotuning on, as timm's train.py (OFA-KD's base) sets it.
@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from hcd.engine import trainer
 from hcd.engine.bench.shapes import CONFIG_ROOT
 from hcd.engine.config import Config, load_config
-from hcd.kernels import student_loss
 
 STEP_CONFIG = "imagenet/swin_tiny-resnet18.yaml"   # Swin-T -> ResNet18, 224 px, bf16, ZeRO-1
 # Every device: a random teacher (a speed benchmark needs no weights) and the repository's DeepSpeed JSON.
@@ -53,24 +51,6 @@ def synthetic_batch(cfg: Config, device) -> Tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, cfg.model.num_classes, (b,), generator=g).to(device)
 
 
-class KDDistiller(nn.Module):
-    """The distiller's forward contract (images, target, f_t, z_t) -> DistillOutput with no heads: the HCD
-    step's student forward (stage features computed as there, then unused) and hcd.kernels.student_loss
-    (ce_weight * CE + kd_weight * KD), so the HCD/KD ratio prices the projectors and heads alone."""
-
-    def __init__(self, distiller):
-        super().__init__()
-        self.student, self.loss_cfg, self.backend = distiller.student, distiller.loss_cfg, distiller.backend
-        self.stages = []
-        self.projectors, self.cfms = nn.ModuleList(), nn.ModuleList()  # none: what prepare_models and ZeRO-3 read
-
-    def forward(self, images, target, f_t, z_t):
-        from hcd.engine.distiller import DistillOutput
-        logits, _ = self.student(images)
-        total, parts = student_loss(logits, z_t.to(logits.dtype), target, self.loss_cfg, backend=self.backend)
-        return DistillOutput(logits=logits, loss=total, parts=parts)
-
-
 def _models(cfg: Config, device):
     """(teacher, distiller) exactly as the trainer builds them; the random teacher's warning (meant for a
     training run) is left out of the bench's output."""
@@ -90,9 +70,7 @@ def engine_run(cfg: Config, kind: str = "hcd", teacher_fn: Optional[Callable] = 
     from hcd.engine.schedule import make_lr_lambda
     from hcd.engine.speed import prepare_models, resolved
     d = process_env()
-    teacher, distiller = _models(cfg, d.device)
-    if kind == "kd":
-        distiller = KDDistiller(distiller)
+    teacher, distiller = _models(dataclasses.replace(cfg, method=kind), d.device)
     prepared = prepare_models(cfg, teacher, distiller, d.device)  # compiles lazily: unused when reused
     engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, 10 ** 6, 10 ** 4))
     engine.train()

@@ -37,6 +37,16 @@ def test_export_round_trip_gives_identical_logits(tmp_path):
     # ... and the helper that reads the JSON
     m2 = load_exported(path)
     assert torch.equal(m2.eval()(x), expect) and tuple(m2.pretrained_cfg["mean"]) == tuple(mean)
+    # timm's own layout: one call, no num_classes or kwargs to remember
+    folder = tmp_path / "student"
+    m3 = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert m3.num_classes == 7 and torch.equal(m3.eval()(x), expect)
+    assert tuple(m3.pretrained_cfg["input_size"]) == (3, 32, 32) and tuple(m3.pretrained_cfg["mean"]) == tuple(mean)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["label_names"] == list("abcdefg")
+    assert config["model_args"]["drop_rate"] == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "student.json", "student.safetensors"]
+    assert torch.equal(load_exported(folder).eval()(x), expect)
 
 
 BAD = [
@@ -98,7 +108,7 @@ def test_argument_errors_are_one_line(argv, needle, capsys):
 
 def _readme_snippet() -> str:
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = text.index("```python\nimport json, timm") + len("```python\n")
+    start = text.index("```python\nimport timm\nmodel = timm.create_model(\"local-dir:") + len("```python\n")
     return text[start:text.index("```", start)]
 
 

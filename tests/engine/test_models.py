@@ -149,7 +149,7 @@ def test_cfm_weights_start_as_the_per_stage_linears_did(hidden):
     gives the same initial values as before the stacking, bit for bit."""
     t, s = _pair("resnet18", (3, 4))
     torch.manual_seed(0)
-    model = HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(n_sublogits=2), cfm_hidden=hidden)
+    model = HCDDistiller(s, t.feature_dim, 7, HCDLossConfig(n_sublogits=2), cfm_hidden=hidden, init="torch")
     torch.manual_seed(0)
     d_p = projector_width(s.feature_dim, t.feature_dim)
     [Projector(stage, c, d_p) for stage, c in zip(s.stages, s.stage_channels)]
@@ -159,6 +159,32 @@ def test_cfm_weights_start_as_the_per_stage_linears_did(hidden):
             assert torch.equal(model.cfm_hidden[i][0].weight, layer.weight)
         out = torch.nn.Linear(hidden or d_p + t.feature_dim, 2 * 7)
         assert torch.equal(model.cfm_weight[i], out.weight) and torch.equal(model.cfm_bias[i], out.bias), i
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_head_init_ofa_is_ofa_kds_init_weights(hidden):
+    """head.init: ofa (the default, docs/method.md, Initialisation): projector convs kaiming-normal (fan_out,
+    ReLU gain), BN 1/0, every CFM Linear (the stacked output one too) trunc-normal std 0.02 with zero bias;
+    the same seed under head.init: torch gives PyTorch's defaults instead."""
+    t, s = _pair("resnet18", (2, 4))
+    torch.manual_seed(0)
+    model = HCDDistiller(s, t.feature_dim, 50, HCDLossConfig(n_sublogits=2), cfm_hidden=hidden)
+    torch.manual_seed(0)
+    plain = HCDDistiller(s, t.feature_dim, 50, HCDLossConfig(n_sublogits=2), cfm_hidden=hidden, init="torch")
+    linears = [(model.cfm_weight, model.cfm_bias)] + [(h[0].weight, h[0].bias) for h in model.cfm_hidden or []]
+    for w, b in linears:
+        assert torch.all(b == 0) and abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert plain.cfm_bias.abs().max() > 0 and abs(plain.cfm_weight.std().item() - 0.02) > 0.002
+    bns = [m for m in model.projectors.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in bns)
+    last = model.projectors[-1].body  # stage 4: one conv1x1 with a bias, zeroed
+    assert torch.all(last.bias == 0) and plain.projectors[-1].body.bias.abs().max() > 0
+    for conv, ref in zip(model.projectors.modules(), plain.projectors.modules()):
+        if isinstance(conv, torch.nn.Conv2d):  # kaiming fan_out: std sqrt(2 / (out_channels * k * k)), any groups
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            assert conv.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.2), conv
+    with pytest.raises(ValueError, match="head.init"):
+        HCDDistiller(s, t.feature_dim, 50, HCDLossConfig(n_sublogits=2), init="xavier")
 
 
 def test_a_checkpoint_with_per_stage_cfm_layers_is_named_as_older_in_one_line(tmp_path):

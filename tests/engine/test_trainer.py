@@ -44,7 +44,8 @@ def test_one_process_run_writes_the_run_folder(base_run):
     ckpt = run / "checkpoints"
     assert read_pointer(ckpt, "latest") == "step-00000012" and read_pointer(ckpt, "best") is not None
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
-    for name in ("config.yaml", "curves.png", "student.safetensors", "student.json"):
+    for name in ("config.yaml", "curves.png", "student.safetensors", "student.json", "student/config.json",
+                 "student/model.safetensors"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir())
 
@@ -290,7 +291,7 @@ def test_resume_with_another_layout_is_a_one_line_error_that_touches_nothing(tmp
     tag = read_pointer(ckpt, "latest")
     layout = json.loads((ckpt / tag / "layout.json").read_text())
     shapes = layout.pop("parameters")
-    assert layout == {"world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
+    assert layout == {"method": "hcd", "world size (processes)": 1, "data.batch_size": 8, "train.grad_accum": 1,
                       "deepspeed.zero_stage": 0, "train.precision": "fp32", "optim.name": "sgd"}
     assert shapes["cfm_weight"] == [2, 4 * 5, 512 + 48]  # S x n*C x (Dp + Dt): ResNet18 512, tiny ViT 48
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOATS = {"alpha_s", "alpha_t", "eps", "inv_T", "T", "theta", "w_ce", "w_kl", "w_ol", "w_kd", "ce_weight",
-          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs", "inv_B", "alpha", "inv_T_kd", "T_kd", "w_ce_s", "w_kd_s"}
+          "kl_weight", "ol_weight", "inv_bn", "inv_b_pairs", "inv_B", "alpha", "inv_T_kd", "T_kd", "w_ce_s", "w_kd_s",
+          "w_tc", "w_nc", "w_row", "w_col"}
 
 
 def compile_all():
@@ -31,6 +32,8 @@ def compile_all():
     from hcd.kernels.hcd_head import _head_row_kernel
     from hcd.kernels.hcd_step import _dz_sum_kernel, _loss_row_kernel
     from hcd.kernels.student import _student_row_kernel
+    from hcd.kernels.baselines import _dkd_row_kernel, _ofa_row_kernel
+    from hcd.kernels.baselines_dist import _dist_col_kernel, _dist_row_kernel, _dist_softmax_bwd_kernel
 
     def build(fn, pointers, consts, num_warps):
         sig = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in FLOATS else "i32")
@@ -50,6 +53,11 @@ def compile_all():
         build(_dz_sum_kernel, {"buf_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": f"*{act}"}, dict(BLOCK=1024), 4)
         build(_student_row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": "*i64", "dz_ptr": "*fp32",
                                     "loss_ptr": "*fp32"}, dict(TEACHER_GRAD=True, BLOCK=1024), 4)
+        for row_kernel in (_dkd_row_kernel, _ofa_row_kernel):
+            build(row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": "*i64", "dz_ptr": "*fp32",
+                               "loss_ptr": "*fp32"}, dict(BLOCK=1024), 4)
+        build(_dist_row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "p_ptr": "*fp32", "dp_ptr": "*fp32",
+                                 "part_ptr": "*fp32"}, dict(BLOCK=1024), 4)
         bm, bn, bk, warps = (_TILES_32 if act == "fp32" else _TILES_16)[0]
         common = dict(DOT_DTYPE=tls[act], PRECISION="ieee" if act == "fp32" else "tf32", BM=bm, BN=bn, BK=bk)
         build(_gemm_kernel, {"a1_ptr": f"*{act}", "a2_ptr": f"*{act}", "b1_ptr": f"*{weight}", "b2_ptr": f"*{weight}",
@@ -62,6 +70,8 @@ def compile_all():
                              "c_ptr": f"*{weight}", "bias_ptr": f"*{weight}", "scale_ptr": "*fp32",
                              "colsum_ptr": f"*{weight}"},
               dict(SPLIT_N=True, HAS_BIAS=False, HAS_SCALE=True, COLSUM=True, **back), warps)
+    build(_dist_col_kernel, {"p_ptr": "*fp32", "dp_ptr": "*fp32", "part_ptr": "*fp32"}, dict(BB=64, BC=32), 4)
+    build(_dist_softmax_bwd_kernel, {"p_ptr": "*fp32", "dp_ptr": "*fp32"}, dict(BLOCK=1024), 4)
     print("COMPILED")
 
 

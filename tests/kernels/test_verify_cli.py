@@ -27,6 +27,10 @@ def test_verify_quick_cli_on_cpu(tmp_path):
     for dtype in ("float32", "float16"):
         assert {l.split()[3] for l in lines if l.split()[1:3] == ["hcd_loss", dtype]} >= {"loss", "skl2", "dx_s", "dW",
                                                                                            "db", "dz_s"}, dtype
+    # the baselines (loss and student gradient) at the first shape in both dtypes
+    for loss in ("dkd", "dist", "ofa"):
+        for dtype in ("float32", "float16"):
+            assert {l.split()[3] for l in lines if l.split()[:3] == ["odd", loss, dtype]} == {"loss", "dz_s"}, loss
     # the JSON record holds the same rows as the table, with the versions that produced them
     rec = json.loads(record.read_text())
     table = [l for l in lines if l.split()[-1:] == ["ok"] or "ok  (" in l]

@@ -25,6 +25,7 @@ def test_gpu_check_runs_each_phase_under_a_limit():
     text = GPU_CHECK.read_text()
     for phase in ("phase verify 75 $PY -m hcd.engine.cli verify --quick",
                   "phase steps 150 $PY -m hcd.engine.cli bench --quick --only step",
+                  "phase graph 60 $PY bench/graph_check.py --engine --json",
                   "phase train 170 $PY -m hcd.engine.cli train --config configs/imagenet/swin_tiny-resnet18.yaml",
                   "phase kernels 200 $PY -m hcd.engine.cli bench --quick --only kernel,profile"):
         assert phase in text, phase
@@ -67,3 +68,13 @@ def test_metrics_table_prints_train_and_eval_rows(tmp_path, capsys):
     assert "student val top-1 12.50%" in lines[3] and lines[4] == "loss 9.0000 -> 8.0000: falling"
     assert main(["table", str(tmp_path)]) == 0 and "falling" in capsys.readouterr().out
     assert main(["nonsense"]) == 2
+
+
+def test_graph_check_compares_and_refuses_cpu(capsys):
+    """bench/graph_check.py (train.cuda_graph_loss on a GPU): its verdict is the largest relative difference of a
+    step's loss against a tolerance, and without CUDA it says so (exit 2) instead of failing inside a capture."""
+    from bench.graph_check import main as graph_main, verdict
+    v = verdict([2.0, 1.0], [2.0, 1.01], 2e-2)
+    assert abs(v["max_rel_diff"] - 0.01) < 1e-12 and v["equal"] and not verdict([1.0], [1.1], 2e-2)["equal"]
+    if not __import__("torch").cuda.is_available():
+        assert graph_main([]) == 2 and "need a GPU" in capsys.readouterr().err

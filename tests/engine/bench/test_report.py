@@ -1,5 +1,6 @@
 """The tables of a results JSON: which numbers go where, and what is left out of the ratios."""
-from hcd.engine.bench.report import format_profile, format_step_table, format_table, format_tf32_table
+from hcd.engine.bench.report import (format_loss_targets, format_profile, format_step_table, format_table,
+                                    format_tf32_table)
 
 
 def test_table_leaves_interpreter_rows_out_of_ratios():
@@ -82,3 +83,18 @@ def test_step_table_reads_an_earlier_results_file():
              "setup": {"teacher": "swin_tiny_patch4_window7_224"}}]
     lines = format_step_table(rows).splitlines()
     assert lines[0].startswith("step rows of an earlier hcd bench") and lines[2].split()[-3:] == ["-", "-", "1.12"]
+
+
+def test_loss_targets_table_reads_one_row():
+    """The whole loss's row on a GPU: device times, the floor and the target ratios in one line; rows without
+    device time (CPU) and other kernels give no table."""
+    row = _gpu_row(kernel="loss", dtype="fp32", stages=4, device_ms={"eager": 2.0, "compile": 0.4, "triton": 0.1},
+                   device_tf32_ms={"eager": 1.0, "compile": 0.25}, floor_ms=0.048, fused_over_floor=2.0833,
+                   compile_over_fused=4.0, compile_tf32_over_fused=2.5)
+    lines = format_loss_targets([_gpu_row(), row]).splitlines()
+    assert len(lines) == 4 and "fus/flr" in lines[0] and "ctf/fus" in lines[0]
+    assert lines[2].split()[7:] == ["0.100", "0.0480", "2.08", "0.400", "4.00", "0.250", "2.50"]
+    assert format_loss_targets([_gpu_row()]) == ""
+    cpu = {k: v for k, v in row.items() if k not in ("device_ms", "host_ms")}
+    assert format_loss_targets([cpu]) == ""
+    assert "loss = hcd_loss, the whole loss of a step: 4 heads" in format_table([row])
