@@ -99,6 +99,32 @@ def is_finished(folder: Path, export: bool) -> bool:
             and any(r.get("kind") == "eval" for r in read_metrics(folder / "metrics.jsonl")))
 
 
+def config_difference(saved: dict, planned: dict, prefix: str = "") -> Optional[str]:
+    """The first dotted key whose value differs between two config trees (dataclasses.asdict), or None."""
+    for key in planned:
+        a, b = saved.get(key), planned[key]
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            found = config_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}"
+    return None
+
+
+def _check_same_config(folder: Path, cfg) -> None:
+    """A run folder of this comparison holds a run of this very config: skipping or resuming a run of
+    another recipe would mix two recipes in one table."""
+    if not (folder / "config.yaml").is_file():
+        return
+    saved = dataclasses.asdict(load_config(str(folder / "config.yaml")))
+    planned = dataclasses.asdict(with_absolute_paths(dataclasses.replace(cfg, out=str(folder))))
+    key = config_difference(saved, planned)
+    if key is not None:
+        raise ConfigError(f"--out: {folder} holds a run whose {key} differs from this comparison's; choose "
+                          "another --out (one comparison, one recipe)")
+
+
 def _prepare(folder: Path) -> bool:
     """Whether the run in `folder` resumes (it has a checkpoint); a run that stopped before its first
     checkpoint is cleared so it starts again."""
@@ -140,31 +166,30 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
     start, timed = time.perf_counter(), []
     for k, (m, s) in enumerate(jobs, 1):
         folder, tag = out / m / f"seed-{s}", f"[{k}/{len(jobs)}] {m} seed {s}"
-        record = read_json(folder / RUN_RECORD)
+        cfg = dataclasses.replace(base, method=m, seed=s)
+        validate(cfg)
+        _check_same_config(folder, cfg)
         if is_finished(folder, base.train.export):
-            print(f"{tag}: finished earlier, skipped ({_result(folder, record)})", flush=True)
+            print(f"{tag}: finished earlier, skipped ({_result(folder)})", flush=True)
             continue
         resume = folder.is_dir() and _prepare(folder)
         left = len(jobs) - k + 1
         eta = f", ETA {_minutes(sum(timed) / len(timed) * left)}" if timed else ""
         print(f"{tag}: {'resuming' if resume else 'training'} in {folder} (elapsed "
               f"{_minutes(time.perf_counter() - start)}{eta})", flush=True)
-        cfg = dataclasses.replace(base, method=m, seed=s)
-        validate(cfg)
         t0 = time.perf_counter()
         code = runner(cfg, out=str(folder), resume=resume)
         wall = time.perf_counter() - t0
         timed.append(wall)
         gc.collect()  # the finished run's engine, loaders and models
         if folder.is_dir():
-            record = {"wall_s": record.get("wall_s", 0.0) + wall}
-            write_json(folder / RUN_RECORD, record)
+            write_json(folder / RUN_RECORD, {"wall_s": read_json(folder / RUN_RECORD).get("wall_s", 0.0) + wall})
         if code != 0:
             again = "rerun the same command to continue" if code == EXIT_STOPPED else "see the error above"
             print(f"{tag}: hcd train exited {code}; {again} (finished runs are kept)", flush=True)
             write_results(out, base, config, methods, seed_list)
             return code
-        print(f"{tag}: done in {_minutes(wall)} ({_result(folder, record)})", flush=True)
+        print(f"{tag}: done in {_minutes(wall)} ({_result(folder)})", flush=True)
         write_results(out, base, config, methods, seed_list)
     result = write_results(out, base, config, methods, seed_list)
     from hcd.engine.plot import plot_compare
@@ -179,7 +204,7 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _result(folder: Path, record: dict) -> str:
+def _result(folder: Path) -> str:
     r = run_summary(read_metrics(folder / "metrics.jsonl"))
     return f"val top-1 best {r['best_top1']:.2f} %, last {r['last_top1']:.2f} %, {r['images_per_s']:.0f} images/s"
 

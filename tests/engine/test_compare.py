@@ -43,6 +43,13 @@ def test_statistics_on_hand_made_numbers():
     assert "| kd | 3 | 92.00 ± 2.00 |" in md and "| kd | 2 | 94.00 |" in md
 
 
+def test_config_difference_names_the_first_key():
+    saved = {"seed": 0, "optim": {"lr": 0.1, "momentum": 0.9}, "model": {"student_kwargs": {"channels": [32]}}}
+    assert compare.config_difference(saved, saved) is None
+    assert compare.config_difference(saved, dict(saved, optim={"lr": 0.2, "momentum": 0.9})) == "optim.lr"
+    assert compare.config_difference(saved, dict(saved, model={"student_kwargs": {}})) == "model.student_kwargs"
+
+
 def test_method_list_parsing():
     assert compare.parse_methods("ce, kd,hcd") == ["ce", "kd", "hcd"]
     for bad, words in (("ce,foo", "unknown method 'foo'"), ("kd,kd", "listed twice"), (",", "no method")):
@@ -129,7 +136,7 @@ def test_a_random_teacher_is_refused_unless_ce_alone(tmp_path, capsys):
     assert fake.calls == [("ce", 5, False)]  # the config's seed first
 
 
-def test_a_tiny_real_comparison_in_one_process(tmp_path, write_config, train_rows):
+def test_a_tiny_real_comparison_in_one_process(tmp_path, write_config, train_rows, capsys):
     """Two real comparisons in this process (DeepSpeed's process group made by the first run, reused by the
     second): the second run of the same (method, seed) reproduces the first exactly, so nothing leaks from one
     run into the next."""
@@ -149,3 +156,7 @@ def test_a_tiny_real_comparison_in_one_process(tmp_path, write_config, train_row
     result = json.loads((tmp_path / "a" / "compare.json").read_text())
     assert result["summary"]["hcd"]["seeds"] == 1 and set(result["runs"]["hcd"]) == {"0"}
     assert (tmp_path / "a" / "compare.png").is_file() and (tmp_path / "a" / "compare.md").is_file()
+    # the same folder with another recipe: refused, naming the field, before anything trains
+    assert main(["compare", "--config", config, "--methods", "hcd", "--seeds", "1", "--out", str(tmp_path / "a"),
+                 *sets, "--set", "optim.lr=0.5"]) == 2
+    assert "hcd/seed-0 holds a run whose optim.lr differs" in capsys.readouterr().err
