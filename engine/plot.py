@@ -93,7 +93,9 @@ def plot_compare(result: dict, path) -> None:
     if result.get("teacher_top1") is not None:
         ax.axhline(result["teacher_top1"], color="gray", linestyle=":",
                    label=f"teacher ({result['teacher_top1']:.1f}%)")
+    from matplotlib.ticker import MaxNLocator
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val top-1 (%): mean over seeds, band min-max")
     ax.set_title(f"hcd compare: {Path(result['config']).name}")
     ax.grid(alpha=0.3)
