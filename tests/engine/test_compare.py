@@ -160,3 +160,26 @@ def test_a_tiny_real_comparison_in_one_process(tmp_path, write_config, train_row
     assert main(["compare", "--config", config, "--methods", "hcd", "--seeds", "1", "--out", str(tmp_path / "a"),
                  *sets, "--set", "optim.lr=0.5"]) == 2
     assert "hcd/seed-0 holds a run whose optim.lr differs" in capsys.readouterr().err
+
+
+def test_subset_list_is_balanced_seeded_and_repeated(tmp_path):
+    """The compare demo's labelled subset: K distinct images per class, each listed R times, the same list
+    for the same arguments, written by prepare_digits from the name data.train_list gives."""
+    from collections import Counter
+
+    from hcd.engine.data.demo import build_digits, write_subset_list
+    from hcd.engine.demo import prepare_digits
+    root = build_digits(str(tmp_path / "digits"))
+    path = write_subset_list(root, per_class=3, repeats=2)
+    lines = path.read_text().splitlines()
+    assert path.name == "train-3-per-class-x2.txt" and len(lines) == 60 and len(set(lines)) == 30
+    assert Counter(line.split()[1] for line in set(lines)) == {str(c): 3 for c in range(10)}
+    assert all((root / "train" / line.split()[0]).is_file() and line.split()[0].startswith(line.split()[1] + "/")
+               for line in lines)
+    path.unlink()
+    assert write_subset_list(root, per_class=3, repeats=2).read_text().splitlines() == lines  # seeded
+    with pytest.raises(ValueError, match="per_class"):
+        write_subset_list(root, per_class=1000)
+    cfg = compare.load_config(None, (f"data.root={root}", "data.train_list=train-4-per-class-x3.txt"))
+    prepare_digits(cfg)  # no teacher named: only the list is written
+    assert len((root / "train-4-per-class-x3.txt").read_text().splitlines()) == 120
