@@ -69,6 +69,25 @@ def _demo(args):
     return run_demo(out=args.out, overrides=tuple(args.set or ()))
 
 
+def _compare(args):
+    from hcd.engine.compare import run_compare
+    return run_compare(args.config, args.methods, args.seeds, out=args.out, overrides=tuple(args.set or ()))
+
+
+def _methods(value):
+    from hcd.engine.compare import parse_methods
+    try:
+        return parse_methods(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seed_count(value):
+    if not value.lstrip("-").isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _plot(args):
     from hcd.engine.plot import plot_run
     return plot_run(args.run)
@@ -130,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("path", help="dataset folder (class sub-folders, or train/ and val/ of them)")
     d.add_argument("--workers", type=int, default=None, help="parallel decoders (default: CPU count)")
     d.set_defaults(func=_data_check)
+
+    c = sub.add_parser("compare", help="train every method x seed under one recipe; table (compare.md/.json) "
+                                       "and val curves (compare.png)")
+    with_config(c)
+    c.add_argument("--methods", type=_methods, default="ce,kd,dkd,dist,ofa,hcd", metavar="LIST",
+                   help="comma-separated, of hcd,ofa,dkd,dist,kd,ce (default: all six)")
+    c.add_argument("--seeds", type=_seed_count, default=3, metavar="N",
+                   help="seeds per method: the config's seed, seed+1, ... (default 3)")
+    c.add_argument("--out", help="comparison folder, runs in OUT/METHOD/seed-S (default: the config's `out`); "
+                                 "run the same command again to continue an interrupted comparison")
+    c.set_defaults(func=_compare)
 
     m = sub.add_parser("demo", help="the whole pipeline on the embedded digits data, on CPU in minutes")
     m.add_argument("--out", default="runs/demo", help="run folder")

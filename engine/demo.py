@@ -15,6 +15,7 @@ import torch
 from hcd.engine.config import ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DIGITS_ROOT = "~/.cache/hcd/digits"  # data.root of the digits configs: stands for $HCD_CACHE/digits
 MARKER = ".hcd_demo"  # a run folder holding this was written by the demo and may be replaced by it
 
 HONEST = ("Note: digits is too easy to show distillation gains. A ResNet18 trained with plain cross-entropy "
@@ -36,8 +37,8 @@ def _load_folder(folder: Path, classes):
     return x, torch.tensor(labels)
 
 
-def _train_teacher(cfg, run: Path) -> Path:
-    """The teacher from scratch: a plain PyTorch loop (AdamW, warmup + cosine, label smoothing) for
+def _train_teacher(cfg, path: Path) -> Path:
+    """The teacher from scratch, saved to `path`: a plain PyTorch loop (AdamW, warmup + cosine, label smoothing) for
     cfg.train.teacher_epochs epochs on the digits train split held in memory, with +-2 px shifts as the only
     augmentation (the loaders' random-resized-crop and flips suit photos, not digits, and a weak teacher
     would make the distillation meaningless). Evaluated through the real val loader."""
@@ -92,13 +93,41 @@ def _train_teacher(cfg, run: Path) -> Path:
     top1, top5, count = evaluate(model, val_loader, torch.device("cpu"), desc="teacher eval")
     print(f"teacher trained from scratch ({epochs} epochs): val top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
           f"({count} images)", flush=True)
-    path = run / "teacher.safetensors"
-    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)  # atomic
     return path
 
 
-def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
+def digits_root(root: str) -> Path:
+    """The digits folder a config's data.root names, built if missing. The shipped configs' root
+    (DIGITS_ROOT) means "the cache" ($HCD_CACHE/digits when set); any other root is used as given."""
     from hcd.engine.data.demo import build_digits
+    return build_digits(None if root == DIGITS_ROOT else str(Path(root).expanduser()))
+
+
+def prepare_digits(cfg) -> None:
+    """What a digits config needs before `hcd compare` trains on it, made once and cached: the digits folder
+    (data.root = DIGITS_ROOT), the labelled subset its data.train_list names (train-<K>-per-class-x<R>.txt) and,
+    when model.teacher_checkpoint is missing and train.teacher_epochs > 0, the teacher trained from scratch
+    on the whole train split (_train_teacher) and saved there. Sets cfg.data.root to the folder used."""
+    import re
+
+    from hcd.engine.data.demo import SUBSET_LIST, write_subset_list
+    root = digits_root(cfg.data.root)
+    cfg.data.root = str(root)
+    pattern = re.escape(SUBSET_LIST).replace(r"\{per_class\}", r"(\d+)").replace(r"\{repeats\}", r"(\d+)")
+    subset = re.fullmatch(pattern, cfg.data.train_list or "")
+    if subset:
+        write_subset_list(root, int(subset.group(1)), int(subset.group(2)))
+    path = cfg.model.teacher_checkpoint
+    if path and cfg.train.teacher_epochs > 0 and not Path(path).expanduser().is_file():
+        print(f"model.teacher_checkpoint {path} is missing: training the teacher from scratch once "
+              f"({cfg.train.teacher_epochs} epochs on all of {root / cfg.data.train_dir}, about 1.5 min on 2 cores)",
+              flush=True)
+        _train_teacher(cfg, Path(path).expanduser())
+
+
+def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
     from hcd.engine.trainer import train
 
     start = time.perf_counter()
@@ -114,13 +143,10 @@ def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
     run.mkdir(parents=True, exist_ok=True)
     (run / MARKER).write_text("written by hcd demo\n")
 
-    # demo.yaml's own root means "the cache" ($HCD_CACHE/digits when set); a --set data.root is used as given
-    as_shipped = cfg.data.root == load_config(str(DEMO_CONFIG)).data.root
-    root = build_digits(None if as_shipped else str(Path(cfg.data.root).expanduser()))
-    cfg.data.root = str(root)
-    print(f"digits folder: {root}", flush=True)
+    cfg.data.root = str(digits_root(cfg.data.root))
+    print(f"digits folder: {cfg.data.root}", flush=True)
     if cfg.train.teacher_epochs > 0 and cfg.model.teacher_checkpoint is None:
-        cfg.model.teacher_checkpoint = str(_train_teacher(cfg, run))
+        cfg.model.teacher_checkpoint = str(_train_teacher(cfg, run / "teacher.safetensors"))
     t_teacher = time.perf_counter() - start
 
     code = train(cfg, out=str(run))

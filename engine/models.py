@@ -35,7 +35,7 @@ def load_state_dict_file(path: str, field: str) -> dict:
 
     Accepts a bare state dict or one nested under 'state_dict' / 'model' / 'module' (common trainer
     layouts) and strips a DistributedDataParallel 'module.' prefix."""
-    p = Path(path)
+    p = Path(path).expanduser()  # as check_paths reads it: a config may name ~/...
     if not p.is_file():
         raise ModelError(f"{field}: checkpoint file not found: {path}")
     try:

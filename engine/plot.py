@@ -17,9 +17,7 @@ def plot_run(run) -> int:
     if not path.is_file():
         raise DataError(f"{run}: no metrics.jsonl (not a run folder)")
     rows = read_metrics(path)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     train = [r for r in rows if r.get("kind") == "train"]
@@ -58,10 +56,49 @@ def plot_run(run) -> int:
         ax_acc.legend(fontsize=8, loc="lower right")
 
     fig.suptitle(run.name)
-    fig.tight_layout()
-    tmp = run / ".curves.png.tmp"
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(run / "curves.png")
+    _save(fig, run / "curves.png")
     print(f"wrote {run / 'curves.png'}")
     return 0
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Atomically: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_compare(result: dict, path) -> None:
+    """`hcd compare`'s figure: val top-1 per epoch of each method, the mean over its seeds as a line and
+    the seeds' min-max as a band (epochs every seed evaluated), the teacher's top-1 dotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, runs in result["runs"].items():
+        curves = [dict(map(tuple, r["curve"])) for r in runs.values()]
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        ys = [[c[e] for c in curves] for e in epochs]
+        line, = ax.plot(epochs, [sum(y) / len(y) for y in ys], "o-", markersize=3,
+                        label=f"{method} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        ax.fill_between(epochs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+    if result.get("teacher_top1") is not None:
+        ax.axhline(result["teacher_top1"], color="gray", linestyle=":",
+                   label=f"teacher ({result['teacher_top1']:.1f}%)")
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("val top-1 (%): mean over seeds, band min-max")
+    ax.set_title(f"hcd compare: {Path(result['config']).name}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    _save(fig, Path(path))

@@ -77,3 +77,29 @@ def build_digits(root: Optional[str] = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+SUBSET_LIST = "train-{per_class}-per-class-x{repeats}.txt"  # a balanced labelled subset of root/train, in root
+
+
+def write_subset_list(root, per_class: int, repeats: int = 1, seed: int = 0) -> Path:
+    """root/train-<per_class>-per-class-x<repeats>.txt: a seeded, class-balanced subset of the digits train
+    split as a "relative/path label" file list (data.train_list), for a student that sees few labels while
+    its teacher saw them all. Each image is listed `repeats` times, so one epoch is that many passes over
+    the subset, each with its own augmentation (fewer epoch ends: checkpoints and evaluations). Same
+    (per_class, seed), same images; written atomically, once."""
+    root = Path(root)
+    path = root / SUBSET_LIST.format(per_class=per_class, repeats=repeats)
+    if path.is_file():
+        return path
+    rng = np.random.default_rng([seed, per_class])
+    lines = []
+    for c in range(10):
+        files = sorted(f.name for f in (root / "train" / str(c)).iterdir())
+        if len(files) < per_class:
+            raise ValueError(f"per_class: {per_class} exceeds the {len(files)} train images of class {c}")
+        lines += [f"{c}/{name} {c}\n" for name in sorted(rng.choice(files, per_class, replace=False))]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(lines) * repeats)
+    os.replace(tmp, path)
+    return path
