@@ -65,9 +65,10 @@ def _train_teacher(cfg, run: Path) -> Path:
     epochs = cfg.train.teacher_epochs
     total, warm = epochs * steps_per_epoch, steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    # timm's per-update cosine: linear warm-up over the first epoch from lr / warm, then cosine to 0
-    sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, warmup_t=warm, warmup_lr_init=1e-3 / warm,
-                              warmup_prefix=True, t_in_epochs=False)
+    # timm's per-update cosine: linear warm-up over the first epoch from lr / warm, then (warm-up prefixed) a
+    # cosine from lr to 0 over the remaining steps; the teacher's schedule as it was before timm's replaced ours
+    sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, warmup_t=warm,
+                              warmup_lr_init=1e-3 / warm, warmup_prefix=True, t_in_epochs=False)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc="teacher", dynamic_ncols=True)

@@ -14,9 +14,9 @@ LambdaLR applies once per optimizer step: a pure function of s, so a resumed run
 continue_schedule) gets the same LRs. Steps per epoch may be fractional (accumulation windows that run across
 epoch ends): step s belongs to epoch floor(s / steps_per_epoch), the epoch its window starts in, computed
 exactly with Fractions. That is the trainer's own accounting: an epoch whose last window runs into the next
-epoch ends (eval, checkpoint; timm's epoch-end step() in OFA-KD's loop) once that window's step is done. The timm
-scheduler drives a stand-in optimizer (one param group), never the real one, and the lambda is a closure, so
-LambdaLR's state_dict (the checkpoint) holds nothing of it."""
+epoch ends (eval, checkpoint; timm's epoch-end step() in OFA-KD's loop) once that window's step is done.
+The timm scheduler drives a stand-in optimizer (one param group), never the real one, and the lambda is a
+closure, so LambdaLR's state_dict (the checkpoint) holds nothing of it."""
 import math
 from fractions import Fraction
 from types import SimpleNamespace
