@@ -41,6 +41,8 @@ class DataConfig:
     num_workers: int = 4               # DataLoader workers / DALI threads
     img_size: int = 224
     crop_pct: float = 0.875            # val: resize shorter side to img_size / crop_pct, then center crop
+    train_interpolation: Literal["random", "bilinear", "bicubic"] = "random"  # train resize; random: bilinear
+                                       # or bicubic per image (timm's, OFA-KD's --train-interpolation); val: bilinear
     channels_last: bool = False
     last_batch: Literal["drop", "partial"] = "drop"   # train; val always keeps the partial last batch
     on_corrupt: Literal["error", "skip"] = "error"
@@ -111,12 +113,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    """timm's schedulers as OFA-KD's train.py builds them (engine/schedule.py; README, "Schedule")."""
     name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = 3.0
-    warmup_start_factor: float = 0.01
-    min_lr: float = 0.0
-    step_epochs: int = 30              # step schedule: multiply by gamma every step_epochs
-    gamma: float = 0.1
+    update: Literal["epoch", "step"] = "epoch"  # epoch: the LR changes at epoch ends (timm's t_in_epochs, as
+                                       # OFA-KD); step: every optimizer step, lengths in steps (short schedules)
+    warmup_epochs: float = 3.0         # linear from warmup_lr; warm-up counts within train.epochs (no prefix)
+    warmup_lr: float = 1.0e-4          # the absolute LR warm-up starts from (OFA-KD's --warmup-lr)
+    min_lr: float = 1.0e-6             # cosine: the LR it decays to at train.epochs (OFA-KD's --min-lr)
+    step_epochs: int = 30              # step: multiply by gamma every step_epochs (timm's decay_t), counted
+    gamma: float = 0.1                 # from the start of training (timm's decay_rate)
 
 
 @dataclass
@@ -165,9 +170,24 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
+# Keys older hcd versions wrote into a run's config.yaml, with what replaced them: one line naming both
+# instead of "unknown key" (not converted: the schedule they belonged to is gone, README "Schedule").
+RETIRED = {"schedule.warmup_start_factor": "replaced by schedule.warmup_lr, the absolute LR warm-up starts "
+           "from (the old factor x optim.lr); the schedule is now timm's (README, Schedule)"}
+
+
+def _refuse_retired(data: dict, overrides: tuple):
+    for dotted, why in RETIRED.items():
+        node = data
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None or any(parse_override(t)[0] == dotted for t in overrides):
+            raise ConfigError(f"{dotted}: {why}")
+
+
 def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
     """Defaults <- YAML file <- overrides ('a.b=value' strings). Raises ConfigError on any problem."""
-    tree = dataclasses.asdict(Config())
+    tree, data = dataclasses.asdict(Config()), {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -178,7 +198,8 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        merge(Config, tree, data)
+    _refuse_retired(data, overrides)
+    merge(Config, tree, data)
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(Config, tree, key, value)
@@ -233,7 +254,7 @@ def validate(cfg: Config):
     need(cfg.data.synthetic_val_size >= 1, "data.synthetic_val_size", "must be >= 1")
     need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size", "must be >= 1 or null")
     need(cfg.optim.momentum >= 0, "optim.momentum", "must be >= 0")
-    need(0 < cfg.schedule.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]")
+    need(cfg.schedule.warmup_lr >= 0, "schedule.warmup_lr", "must be >= 0")
     need(cfg.schedule.min_lr >= 0, "schedule.min_lr", "must be >= 0")
     need(0 < cfg.schedule.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")

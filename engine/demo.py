@@ -42,17 +42,15 @@ def _train_teacher(cfg, path: Path) -> Path:
     cfg.train.teacher_epochs epochs on the digits train split held in memory, with +-2 px shifts as the only
     augmentation (the loaders' random-resized-crop and flips suit photos, not digits, and a weak teacher
     would make the distillation meaningless). Evaluated through the real val loader."""
-    import functools
-
     import timm
     import torch.nn.functional as F
+    from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
     from hcd.engine.data import build_loaders
     from hcd.engine.evaluate import evaluate
     from hcd.engine.export import save_safetensors
     from hcd.engine.models import norm_stats
-    from hcd.engine.schedule import lr_multiplier
 
     torch.manual_seed(cfg.seed)
     model = timm.create_model(cfg.model.teacher, num_classes=cfg.model.num_classes, **cfg.model.teacher_kwargs)
@@ -68,9 +66,10 @@ def _train_teacher(cfg, path: Path) -> Path:
     epochs = cfg.train.teacher_epochs
     total, warm = epochs * steps_per_epoch, steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_multiplier, total_steps=total, steps_per_epoch=steps_per_epoch, name="cosine", warmup_epochs=1,
-        warmup_start_factor=1 / warm, min_lr_ratio=0.0, step_epochs=1, gamma=1.0))
+    # timm's per-update cosine: linear warm-up over the first epoch from lr / warm, then (warm-up prefixed) a
+    # cosine from lr to 0 over the remaining steps; the teacher's schedule as it was before timm's replaced ours
+    sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, warmup_t=warm,
+                              warmup_lr_init=1e-3 / warm, warmup_prefix=True, t_in_epochs=False)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc="teacher", dynamic_ncols=True)
@@ -85,7 +84,7 @@ def _train_teacher(cfg, path: Path) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            sched.step_update(epoch * steps_per_epoch + k + 1)
             bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")  # one host sync per epoch
     bar.close()

@@ -1,35 +1,52 @@
-"""Learning-rate schedule as a pure function of the optimizer step: linear warmup, then cosine, step or
-constant. Per-step (not per-epoch), so warmup may last a fractional number of epochs."""
+"""The LR schedule: timm's schedulers (timm.scheduler), adapted to DeepSpeed's per-step LambdaLR.
+
+timm_scheduler() builds the scheduler OFA-KD's train.py gets from timm's create_scheduler(args, optimizer):
+CosineLRScheduler (t_initial = train.epochs, lr_min = min_lr) or StepLRScheduler (decay_t = step_epochs,
+decay_rate = gamma), both with warmup_t = warmup_epochs, warmup_lr_init = warmup_lr, warmup_prefix=False, one
+cycle, no noise, k_decay 1; `constant` is timm's own constant: a step schedule that never decays (warm-up,
+then optim.lr). update: epoch is t_in_epochs=True (OFA-KD: scheduler.step(epoch) at epoch ends, so every step
+of epoch e uses timm's value at t = e); update: step is t_in_epochs=False with every length in optimizer steps
+(epochs x steps per epoch, as create_scheduler with sched_on_updates), optimizer step s using timm's value at
+t = s (timm's step_update(num_updates) after each update).
+
+make_lr_lambda() turns that into the multiplier of optim.lr for optimizer step s (0-based), which DeepSpeed's
+LambdaLR applies once per optimizer step: a pure function of s, so a resumed run (and engine/reshard.py's
+continue_schedule) gets the same LRs. Steps per epoch may be fractional (accumulation windows that run across
+epoch ends): step s belongs to epoch floor(s / steps_per_epoch), the epoch its window starts in, computed
+exactly with Fractions. That is the trainer's own accounting: an epoch whose last window runs into the next
+epoch ends (eval, checkpoint; timm's epoch-end step() in OFA-KD's loop) once that window's step is done.
+The timm scheduler drives a stand-in optimizer (one param group), never the real one, and the lambda is a
+closure, so LambdaLR's state_dict (the checkpoint) holds nothing of it."""
 import math
+from fractions import Fraction
+from types import SimpleNamespace
 
 
-def warmup_steps(steps_per_epoch: float, warmup_epochs: float) -> int:
-    return int(round(warmup_epochs * steps_per_epoch))
+def timm_scheduler(cfg_schedule, optimizer, epochs: int, steps_per_epoch=1):
+    """timm's scheduler for the config on `optimizer` (anything with param_groups)."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+    s = cfg_schedule
+    per_step = s.update == "step"
+    unit = float(steps_per_epoch) if per_step else 1   # timm's t: epochs, or optimizer steps
+    common = dict(warmup_t=s.warmup_epochs * unit, warmup_lr_init=s.warmup_lr, warmup_prefix=False,
+                  t_in_epochs=not per_step)
+    if s.name == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=epochs * unit, lr_min=s.min_lr, **common)
+    decay_t, rate = (s.step_epochs, s.gamma) if s.name == "step" else (1, 1.0)  # constant: never decays
+    return StepLRScheduler(optimizer, decay_t=decay_t * unit, decay_rate=rate, **common)
 
 
-def lr_multiplier(step: int, *, total_steps: int, steps_per_epoch: float, name: str, warmup_epochs: float,
-                  warmup_start_factor: float, min_lr_ratio: float, step_epochs: int, gamma: float) -> float:
-    """Multiplier of the base LR for optimizer step `step` (0-based).
+def make_lr_lambda(cfg_schedule, base_lr: float, epochs: int, steps_per_epoch):
+    """A LambdaLR function: timm's LR for optimizer step `step`, divided by base_lr (optim.lr)."""
+    stand_in = SimpleNamespace(param_groups=[{"lr": base_lr}])
+    sched = timm_scheduler(cfg_schedule, stand_in, epochs, steps_per_epoch)
+    spe = Fraction(steps_per_epoch)
+    per_step = cfg_schedule.update == "step"
 
-    warmup: linear from warmup_start_factor to 1 over round(warmup_epochs * steps_per_epoch) steps;
-    cosine: from 1 down to min_lr_ratio at total_steps; step: gamma ** (epochs done // step_epochs),
-    counted from the start of training (as the recipes do); constant: 1. steps_per_epoch may be fractional
-    (accumulation windows that run across epoch ends)."""
-    w = warmup_steps(steps_per_epoch, warmup_epochs)
-    if step < w:
-        return warmup_start_factor + (1.0 - warmup_start_factor) * step / w
-    if name == "cosine":
-        progress = min(1.0, (step - w) / max(1, total_steps - w))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if name == "step":
-        return gamma ** (int(step // max(1, steps_per_epoch)) // step_epochs)
-    return 1.0
-
-
-def make_lr_lambda(cfg_schedule, base_lr: float, total_steps: int, steps_per_epoch: float):
-    """A LambdaLR function for the config's schedule (the scheduler steps once per optimizer step)."""
-    kw = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch, name=cfg_schedule.name,
-              warmup_epochs=cfg_schedule.warmup_epochs, warmup_start_factor=cfg_schedule.warmup_start_factor,
-              min_lr_ratio=min(1.0, cfg_schedule.min_lr / base_lr), step_epochs=cfg_schedule.step_epochs,
-              gamma=cfg_schedule.gamma)
-    return lambda step: lr_multiplier(step, **kw)
+    def lr_lambda(step: int) -> float:
+        if per_step:
+            sched.step_update(step)
+        else:
+            sched.step(math.floor(step / spe))
+        return stand_in.param_groups[0]["lr"] / base_lr
+    return lr_lambda

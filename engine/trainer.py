@@ -12,6 +12,7 @@ import dataclasses
 import random
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -113,7 +114,8 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     if t.grad_accum > batches:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} exceeds the {batches} batches per epoch")
     # Accumulation windows run across epoch ends, so every epoch's batches are used even when grad_accum
-    # does not divide them; steps per epoch is then fractional (the schedule converts epochs with it).
+    # does not divide them; steps per epoch is then fractional (the schedule converts epochs with it). The
+    # schedule spans train.epochs; train.max_steps only stops the run earlier (as timm's).
     total_steps = min(batches * t.epochs // t.grad_accum, t.max_steps or sys.maxsize)
     layout = run_layout(cfg, d.world, distiller)
     from_world = None  # the world size of a checkpoint written by another number of processes
@@ -122,8 +124,8 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
         saved = with_legacy_shapes(read_layout(ckpt_dir, resume_tag), ckpt_dir, resume_tag, layout["parameters"])
         from_world = check_resume_layout(saved, layout, ckpt_dir / resume_tag)
     prior_rows = read_metrics(folder / "metrics.jsonl") if resume else []
-    engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, total_steps,
-                                                            batches / t.grad_accum))
+    engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, t.epochs,
+                                                            Fraction(batches, t.grad_accum)))
     if d.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         if not resume:  # a resumed run's config.yaml is replaced once its checkpoint has loaded

@@ -72,7 +72,7 @@ def engine_run(cfg: Config, kind: str = "hcd", teacher_fn: Optional[Callable] = 
     d = process_env()
     teacher, distiller = _models(dataclasses.replace(cfg, method=kind), d.device)
     prepared = prepare_models(cfg, teacher, distiller, d.device)  # compiles lazily: unused when reused
-    engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, 10 ** 6, 10 ** 4))
+    engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, 100, 10 ** 4))
     engine.train()
     return trainer.Run(cfg, d, Path("."), engine, teacher_fn or prepared, None, None, None, None,
                        MetricWindow(cfg.data.batch_size), 10 ** 6, trainer.TrainState(),

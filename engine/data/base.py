@@ -30,6 +30,7 @@ class ImageSpec:
     mean: tuple   # 0-1 scale, as timm's pretrained_cfg gives them
     std: tuple
     channels_last: bool = False
+    train_interpolation: str = "random"   # random | bilinear | bicubic (data.train_interpolation)
 
     @property
     def val_resize(self) -> int:

@@ -17,9 +17,10 @@ of the list (n files, W ranks; shard_id = rank, num_shards = world size).
   Val: no shuffling, stick_to_shard: rank r's slice in list order once per pass (num_samples = its size, so
   ranks differ by one sample at most, as with the torch loader's r::W), padding trimmed.
 Augmentation. Train: decoders.image_random_crop (random-resized-crop window: area 0.08-1, ratio 3/4-4/3,
-decoded as a region of interest) -> resize to img_size x img_size -> flip p=0.5 -> normalise; DALI's
+decoded as a region of interest) -> resize to img_size x img_size with data.train_interpolation (random: a
+per-sample fn.random.choice of linear and cubic, timm's meaning) -> flip p=0.5 -> normalise; DALI's
 generators seeded per (cfg.seed, rank, split). Val: decode -> shorter side to floor(img_size / crop_pct) ->
-centre crop -> normalise. Bilinear, antialiased (as the torch loader).
+centre crop -> normalise, bilinear. Antialiased (as the torch loader).
 
 Resume (exact). The pipeline runs with enable_checkpointing=True and the loader keeps pipe.checkpoint() after
 every batch (DALI's serialized state: the reader's position and shuffle, every random generator; a few hundred
@@ -79,8 +80,11 @@ def build_pipeline(spec, *, train: bool, files: list, batch_size: int, num_threa
             img = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
                                                 random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                 num_attempts=10)
-            img = fn.resize(img, size=[s, s], interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
+            # data.train_interpolation per sample (a choice of one when fixed: the same operators, so crops and
+            # flips do not depend on it); DALI's resize takes interp_type as a per-sample argument
+            interp = fn.random.choice(train_interp_types(spec.train_interpolation, types))
+            img = fn.resize(img, size=[s, s], interp_type=interp, antialias=True)
         else:
             img = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
             img = fn.resize(img, resize_shorter=spec.val_resize, interp_type=types.INTERP_LINEAR,
@@ -93,6 +97,12 @@ def build_pipeline(spec, *, train: bool, files: list, batch_size: int, num_threa
         pipe.set_outputs(out, index)
     pipe.build()
     return pipe
+
+
+def train_interp_types(mode: str, types) -> list:
+    """DALI's interpolation types for data.train_interpolation; random: timm's bilinear-or-bicubic choice."""
+    return {"bilinear": [types.INTERP_LINEAR], "bicubic": [types.INTERP_CUBIC],
+            "random": [types.INTERP_LINEAR, types.INTERP_CUBIC]}[mode]
 
 
 def file_problem(path: str):
@@ -286,7 +296,8 @@ class DaliLoader(ShardedLoader):
 
     def _identity(self) -> dict:
         return {"files": len(self.split), "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "batch_size": self.batch_size, "train": self.train}
+                "batch_size": self.batch_size, "train": self.train,
+                "train_interpolation": self.spec.train_interpolation}  # the pipeline's operators
 
     def state_dict(self):
         """DALI's state after the last batch given out, with its (epoch, batch); None before the first."""

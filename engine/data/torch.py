@@ -31,7 +31,8 @@ class _Images(Dataset):
             with Image.open(self.paths[i]) as im:
                 img = im.convert("RGB")  # full decode: truncated files fail here
             if self.train:
-                x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]))
+                x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]),
+                                    self.spec.train_interpolation)
             else:
                 x = val_transform(img, self.spec.img_size, self.spec.val_resize)
             return x, i, None

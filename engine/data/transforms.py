@@ -1,10 +1,12 @@
 """The torch loader's per-image transforms on PIL images, returning uint8 CHW tensors.
 
-Train: random-resized-crop (area 0.08-1, ratio 3/4-4/3; torchvision's algorithm) + horizontal flip
-p=0.5. The randomness comes from a numpy Generator the caller seeds per (seed, epoch, sample), so the
-augmentation of a sample does not depend on the worker count or on which batches were skipped.
-Val: shorter side to floor(img_size / crop_pct), centre crop img_size. Bilinear with antialiasing, as
-DALI's resize does by default.
+Train: random-resized-crop (area 0.08-1, ratio 3/4-4/3; torchvision's algorithm) resized with
+data.train_interpolation + horizontal flip p=0.5. `random` is timm's (RandomResizedCropAndInterpolation):
+bilinear or bicubic, a uniform choice per image. The randomness comes from a numpy Generator the caller seeds
+per (seed, epoch, sample), so the augmentation of a sample does not depend on the worker count or on which
+batches were skipped; the interpolation is drawn last, so crops and flips are those of a fixed interpolation.
+Val: shorter side to floor(img_size / crop_pct), centre crop img_size, bilinear. Antialiased (PIL's resize),
+as DALI's resize does by default.
 """
 import math
 
@@ -16,6 +18,8 @@ from torchvision.transforms import functional as F
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 BILINEAR = InterpolationMode.BILINEAR
+INTERPOLATIONS = {"bilinear": (BILINEAR,), "bicubic": (InterpolationMode.BICUBIC,),
+                  "random": (BILINEAR, InterpolationMode.BICUBIC)}  # timm's _RANDOM_INTERPOLATION
 
 
 def rrc_box(rng: np.random.Generator, width: int, height: int, scale=SCALE, ratio=RATIO):
@@ -40,12 +44,18 @@ def rrc_box(rng: np.random.Generator, width: int, height: int, scale=SCALE, rati
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(img, size: int, rng: np.random.Generator) -> torch.Tensor:
+def train_interpolation(rng: np.random.Generator, mode: str) -> InterpolationMode:
+    """The resize's interpolation for one image: `mode`, or (random) a uniform choice of bilinear and bicubic."""
+    choices = INTERPOLATIONS[mode]
+    return choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+
+
+def train_transform(img, size: int, rng: np.random.Generator, interpolation: str = "random") -> torch.Tensor:
     top, left, h, w = rrc_box(rng, *img.size)
-    img = F.resized_crop(img, top, left, h, w, [size, size], BILINEAR, antialias=True)
-    if rng.random() < 0.5:
-        img = F.hflip(img)
-    return F.pil_to_tensor(img)
+    flip = rng.random() < 0.5
+    img = F.resized_crop(img, top, left, h, w, [size, size], train_interpolation(rng, interpolation),
+                         antialias=True)
+    return F.pil_to_tensor(F.hflip(img) if flip else img)
 
 
 def val_transform(img, size: int, resize: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ head:
 loss:
   sublogit_kl_weight: 1.0
 optim: {name: sgd, lr: 0.02, weight_decay: 1.0e-4}
-schedule: {name: cosine, warmup_epochs: 0.5}
+schedule: {name: cosine, warmup_epochs: 0.5, update: step}   # per step: the resume tests see a new LR every step
 train: {epochs: 2, log_every: 1}
 """
 

@@ -59,6 +59,9 @@ def test_round_trip_through_dump(tmp_path):
     ("optim.lr=-1", "optim.lr"),
     ("seed.x=1", "seed"),
     ("optim", "--set optim"),
+    ("schedule.update=hourly", "schedule.update"),
+    ("schedule.warmup_lr=-1", "schedule.warmup_lr"),
+    ("data.train_interpolation=nearest", "data.train_interpolation"),
 ])
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}"):
@@ -77,6 +80,16 @@ def test_bad_files(tmp_path):
     (tmp_path / "sec.yaml").write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="^optim"):
         load_config(str(tmp_path / "sec.yaml"))
+
+
+def test_a_retired_schedule_key_names_its_replacement(tmp_path):
+    # an older run's saved config.yaml: one line naming the key and what replaced it, not "unknown key"
+    (tmp_path / "old.yaml").write_text("schedule:\n  name: cosine\n  warmup_start_factor: 0.01\n")
+    for args in ((str(tmp_path / "old.yaml"),), (None, ("schedule.warmup_start_factor=0.01",))):
+        with pytest.raises(ConfigError) as e:
+            load_config(*args)
+        assert str(e.value).startswith("schedule.warmup_start_factor: replaced by schedule.warmup_lr")
+        assert "\n" not in str(e.value)
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):

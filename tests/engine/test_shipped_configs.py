@@ -34,3 +34,26 @@ def test_config_models_and_deepspeed(path, monkeypatch):
 def test_zero_json_files(stage):
     data = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
     assert data["zero_optimization"]["stage"] == stage
+
+
+# OFA-KD's configs/imagenet/cnn.yaml and configs/cifar/cnn.yaml (Hao840/OFAKD), with the train.py defaults they
+# leave as they are: --warmup-lr 1e-4, --decay-rate 0.1, --cooldown-epochs 0, --train-interpolation random
+OFAKD = {"imagenet": dict(epochs=100, batch_size=64, lr=0.1, min_lr=1e-6, weight_decay=1e-4, sched="step",
+                          decay_epochs=30, warmup_epochs=3, smoothing=0.1),
+         "cifar100": dict(epochs=300, batch_size=128, lr=0.05, min_lr=1e-3, weight_decay=2e-3, sched="cosine",
+                          warmup_epochs=3, smoothing=0.1)}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name in OFAKD], ids=lambda p: p.name)
+def test_recipe_configs_are_ofakd_cnn_yaml(path):
+    cfg, ref = load_config(str(path)), OFAKD[path.parent.name]
+    s = cfg.schedule
+    assert (s.name, s.update, s.warmup_epochs, s.warmup_lr, s.min_lr) == (ref["sched"], "epoch", ref["warmup_epochs"],
+                                                                          1e-4, ref["min_lr"])
+    if s.name == "step":
+        assert (s.step_epochs, s.gamma) == (ref["decay_epochs"], 0.1)
+    assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay,
+            cfg.loss.label_smoothing) == (ref["epochs"], ref["batch_size"], "sgd", ref["lr"], ref["weight_decay"],
+                                          ref["smoothing"])
+    assert cfg.data.train_interpolation == "random"
+

@@ -36,9 +36,12 @@ def test_one_process_run_writes_the_run_folder(base_run):
     # the logged loss is the spec's weighted total of the logged parts (lambda = 1 here, beta = omega = gamma = 1)
     r = train[0]
     assert r["loss"] == pytest.approx(r["ce"] + r["sce"] + r["kd"] + r["skl"] + r["ol"], rel=1e-5)
-    # warmup (half an epoch = 3 steps) then cosine
-    lrs = [r["lr"] for r in train]
-    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[3] == pytest.approx(0.02) and lrs[-1] < lrs[4]
+    # timm's cosine per optimizer step (schedule.update: step): warm-up from warmup_lr 1e-4 over half an epoch
+    # (3 steps), then the cosine over all 12 steps of train.epochs at t = step (no warm-up prefix), towards min_lr
+    lr, w, lo = 0.02, 1e-4, 1e-6
+    expect = [w + s * (lr - w) / 3 if s < 3 else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * s / 12))
+              for s in range(12)]
+    assert [r["lr"] for r in train] == pytest.approx(expect, rel=1e-9)
     ev = [r for r in rows if r["kind"] == "eval"]
     assert [e["epoch"] for e in ev] == [1, 2] and all(0 <= e["val_top1"] <= e["val_top5"] <= 100 for e in ev)
     ckpt = run / "checkpoints"
@@ -68,12 +71,15 @@ def test_zero2_accumulation_adamw_step_schedule_clipping(tmp_path, write_config,
     run = tmp_path / "run"
     code = main(["train", "--config", cfg, "--out", str(run), "--set", "deepspeed.zero_stage=2",
                  "--set", "train.grad_accum=2", "--set", "optim.name=adamw", "--set", "optim.lr=0.001",
-                 "--set", "schedule.name=step", "--set", "schedule.step_epochs=1", "--set", "schedule.warmup_epochs=0",
+                 "--set", "schedule.name=step", "--set", "schedule.step_epochs=1", "--set", "schedule.warmup_epochs=1",
+                 "--set", "schedule.warmup_lr=1.0e-5", "--set", "schedule.update=epoch",
                  "--set", "train.grad_clip=1.0", "--set", "train.epochs=2", "--set", "train.export=false"])
     assert code == 0
     rows = train_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 6 batches per epoch / accumulation 2
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3] * 3 + [1e-4] * 3)
+    # per epoch (OFA-KD's timm mode): epoch 0 at warmup_lr (the 1-epoch warm-up's t = 0), epoch 1 past the warm-up
+    # and already decayed once (step_epochs counts from the start of training, as timm's warmup_prefix=False)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5] * 3 + [1e-4] * 3, rel=1e-9)
     assert not (run / "student.safetensors").exists()
 
 
