@@ -161,6 +161,6 @@ def run_demo(out: str = "runs/demo", overrides: tuple = ()) -> int:
     print(f"teacher val top-1: {teacher['teacher_top1']:.2f}%")
     print(f"student val top-1: {evals[-1]['val_top1']:.2f}% (last epoch), {max(e['val_top1'] for e in evals):.2f}% (best)")
     print(f"wall time: {wall:.0f} s (teacher {t_teacher:.0f} s, distillation {wall - t_teacher:.0f} s)")
-    print(f"run folder: {run} (metrics.jsonl, curves.png, student.safetensors, checkpoints/)")
+    print(f"run folder: {run} (metrics.jsonl, curves.png, student/ (timm), checkpoints/)")
     print(HONEST, flush=True)
     return 0
