@@ -5,6 +5,8 @@ Workers return uint8 images plus the corrupt files they met (never raise: an exc
 worker reaches the trainer as a multi-line wrapped traceback, not a DataError naming the file); the main
 process applies the on_corrupt policy, then moves the batch to the device and normalises it there.
 """
+import gc
+
 import numpy as np
 import torch
 from PIL import Image
@@ -79,6 +81,11 @@ class TorchLoader(ShardedLoader):
         self._dl = None
 
     def _dataloader(self) -> DataLoader:
+        # Each pass forks its workers. Collect garbage first: an unreachable object whose __del__ cannot run
+        # in a forked child (a DALI pipeline left in a reference cycle by an earlier loader in this process:
+        # its shutdown waits for threads the child does not have) would otherwise be collected there and hang
+        # the worker, and the pass with it. Measured: a pytest run that built DALI loaders first hung here.
+        gc.collect()
         if self._dl is None:
             self._dl = DataLoader(
                 _Images(self.split.paths, self.spec, self.train, self.seed),

@@ -181,3 +181,26 @@ def test_torch_workers_survive_a_process_group_sigterm(dataset):
         os.kill(pid, signal.SIGTERM)
     n = 1 + sum(1 for _ in it)  # the rest of the pass still arrives
     assert n == len(train)
+
+
+def test_a_pass_finalises_garbage_before_forking_its_workers(dataset):
+    """An unreachable object whose finaliser cannot run in a forked worker (a DALI pipeline left in a reference
+    cycle: its shutdown waits for threads the child does not have; it hung a whole pytest run once) is
+    finalised in this process before a pass forks its workers, not later in a worker."""
+    import gc
+    import os
+    finalised = []
+
+    class Held:
+        def __del__(self):
+            finalised.append(os.getpid())
+
+    cfg = DataConfig(root=str(dataset), loader="torch", batch_size=2, num_workers=1, img_size=16)
+    train, _ = build_loaders(cfg, MEAN, STD)
+    held = Held()
+    held.cycle = held
+    gc.collect()  # reachable: survives into the oldest generation, which automatic collections rarely visit
+    del held
+    assert finalised == []
+    next(iter(train))
+    assert finalised == [os.getpid()]
