@@ -11,9 +11,7 @@ from typing import Literal, Optional
 import yaml
 
 from hcd.engine.config_tree import ConfigError, build, merge, parse_override, set_dotted
-from hcd.kernels.config import HCDLossConfig
-
-METHODS = ("hcd", "ofa", "dkd", "dist", "kd", "ce")  # docs/method.md, Baselines
+from hcd.engine.loss_config import METHODS, LossConfig
 
 
 @dataclass
@@ -56,49 +54,6 @@ class HeadConfig:
     cfm_hidden: Optional[int] = None   # None: one Linear; H: Linear -> ReLU -> Linear(H -> n*C)
     backend: Literal["auto", "eager", "compile", "triton"] = "auto"
     init: Literal["ofa", "torch"] = "ofa"   # projector/CFM init: OFA-KD's init_weights, or PyTorch's defaults
-
-
-@dataclass(frozen=True)
-class DKDConfig:
-    """DKD (Zhao et al. 2022): alpha*TCKD + beta*NCKD at temperature T, weighted min((epoch+1)/warmup, 1).
-    Defaults: the reference code's CIFAR-100 setting; its ImageNet setting is alpha 0.5, beta 0.5, T 1, warm-up 1."""
-    alpha: float = 1.0
-    beta: float = 8.0
-    temperature: float = 4.0
-    warmup_epochs: float = 20.0
-
-
-@dataclass(frozen=True)
-class DISTConfig:
-    """DIST (Huang et al. 2022): T^2 * (beta * inter-class + gamma * intra-class relation loss).
-    Defaults: ImageNet; CIFAR-100 uses beta = gamma = 2, T = 4."""
-    beta: float = 1.0
-    gamma: float = 1.0
-    temperature: float = 1.0
-
-
-@dataclass(frozen=True)
-class OFAConfig:
-    """OFA-KD (Hao et al. 2023): a projector + Linear to C logits per used stage, each stage's logits and the
-    student's trained with -sum_c ((p_t + 1_y)^eps - 1_y)_c log p_s,c."""
-    eps: float = 1.0                      # eps of every stage's loss
-    stage_eps: Optional[list] = None      # one eps per used stage (head.stages order), overriding eps
-    logits_eps: float = 1.0               # eps of the loss on the student's own logits
-    temperature: float = 1.0
-    weight: float = 1.0                   # the OFA terms' weight (the CE keeps loss.ce_weight)
-
-
-@dataclass(frozen=True)
-class LossConfig(HCDLossConfig):
-    """HCD's fields (hcd.kernels.HCDLossConfig: ce_weight and label_smoothing are every method's CE, kd_weight
-    and kd_temperature KD's) and one section per baseline."""
-    dkd: DKDConfig = field(default_factory=DKDConfig)
-    dist: DISTConfig = field(default_factory=DISTConfig)
-    ofa: OFAConfig = field(default_factory=OFAConfig)
-
-    def hcd(self) -> HCDLossConfig:
-        """The HCD fields alone (what the kernels take)."""
-        return HCDLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HCDLossConfig)})
 
 
 @dataclass
@@ -159,7 +114,7 @@ class DeepSpeedConfig:
 class Config:
     seed: int = 0
     out: str = "runs/default"
-    method: Literal["hcd", "ofa", "dkd", "dist", "kd", "ce"] = "hcd"   # what distils (docs/method.md, Baselines)
+    method: Literal[METHODS] = "hcd"   # what distils (docs/method.md, Baselines)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

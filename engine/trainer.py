@@ -30,26 +30,7 @@ from hcd.engine.layout import check_resume_layout, check_run_folder, run_layout,
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics, write_metrics
 from hcd.engine.signals import StopRequest
 from hcd.engine.speed import input_layout, prepare_models, resolved
-
-
-@dataclass
-class TrainState:
-    """Where the run is: saved in every checkpoint (with DeepSpeed's own state) and restored on resume."""
-    step: int = 0                     # optimizer steps done
-    epoch: int = 0                    # epochs whose batches are all used
-    batch: int = 0                    # batches of the current epoch used
-    best_top1: float = -1.0
-    nonfinite: int = 0                # non-finite losses skipped, in all
-    last_eval_step: int = -1
-    saved_step: Optional[int] = None  # the step this process last checkpointed
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "TrainState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+from hcd.engine.train_state import TrainState
 
 
 @dataclass

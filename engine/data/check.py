@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from hcd.engine.data.corrupt import decode_problem, short_reason
+from hcd.engine.data.corrupt import file_problem
 from hcd.engine.data.folder import find_classes, is_image_name
 from hcd.engine.errors import DataError
 
@@ -22,12 +22,7 @@ def check_file(path: str) -> Optional[str]:
     """None if `path` is a readable, fully decodable image, else the reason."""
     if not is_image_name(path):
         return "not an image file (extension)"
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return short_reason(e)
-    return decode_problem(data)
+    return file_problem(path)
 
 
 def _walk_split(folder: Path):

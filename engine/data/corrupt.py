@@ -1,7 +1,10 @@
-"""Telling corrupt files apart, and the `data.on_corrupt` policy (error | skip) applied to them."""
+"""Telling corrupt files apart, and the `data.on_corrupt` policy (error | skip) applied to them; the DALI
+loader's helpers for naming them (DALI's own errors name no file)."""
 import io
 import logging
+import os
 import re
+import tempfile
 from typing import Optional
 
 from hcd.engine.errors import DataError
@@ -66,3 +69,29 @@ class CorruptPolicy:
         # Dropping a whole batch would give this rank fewer steps than the others (collectives hang).
         return DataError(f"{first_path}: every image of a batch is corrupt (this is its first); "
                          "run `hcd data-check` on the dataset")
+
+
+def file_problem(path: str):
+    """None if PIL fully decodes the file, else a short reason (unreadable files included)."""
+    try:
+        with open(path, "rb") as f:
+            return decode_problem(f.read())
+    except OSError as e:
+        return short_reason(e)
+
+
+def pipeline_error_reason(err: BaseException) -> str:
+    """The useful last line of a DALI pipeline error (DALI names no file in it)."""
+    # DALI's message starts with "Critical error in pipeline:" lines and the operator's traceback.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Critical error", "Current pipeline", "File ", "which was"))]
+    return (useful or lines or [type(err).__name__])[-1]
+
+
+def placeholder_jpeg() -> str:
+    """A small valid JPEG in a temporary file (removed at exit): stands in for corrupt files in DALI's list."""
+    from PIL import Image
+    fd, path = tempfile.mkstemp(prefix="hcd-dali-placeholder-", suffix=".jpg")
+    with os.fdopen(fd, "wb") as f:
+        Image.new("RGB", (16, 16), (128, 128, 128)).save(f, format="JPEG")
+    return path

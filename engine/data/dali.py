@@ -48,7 +48,6 @@ DALI is imported inside the functions only: the engine imports without it.
 """
 import logging
 import os
-import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,7 +55,7 @@ import numpy as np
 import torch
 
 from hcd.engine.data.base import ShardedLoader
-from hcd.engine.data.corrupt import decode_problem, short_reason
+from hcd.engine.data.corrupt import file_problem, pipeline_error_reason, placeholder_jpeg
 
 log = logging.getLogger("hcd.data")
 READER = "reader"
@@ -103,31 +102,6 @@ def train_interp_types(mode: str, types) -> list:
     """DALI's interpolation types for data.train_interpolation; random: timm's bilinear-or-bicubic choice."""
     return {"bilinear": [types.INTERP_LINEAR], "bicubic": [types.INTERP_CUBIC],
             "random": [types.INTERP_LINEAR, types.INTERP_CUBIC]}[mode]
-
-
-def file_problem(path: str):
-    """None if PIL fully decodes the file, else a short reason (unreadable files included)."""
-    try:
-        with open(path, "rb") as f:
-            return decode_problem(f.read())
-    except OSError as e:
-        return short_reason(e)
-
-
-def _dali_reason(err: BaseException) -> str:
-    # DALI's message starts with "Critical error in pipeline:" lines and the operator's traceback.
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Critical error", "Current pipeline", "File ", "which was"))]
-    return (useful or lines or [type(err).__name__])[-1]
-
-
-def _placeholder_jpeg() -> str:
-    """A small valid JPEG in a temporary file (removed at exit): stands in for corrupt files in DALI's list."""
-    from PIL import Image
-    fd, path = tempfile.mkstemp(prefix="hcd-dali-placeholder-", suffix=".jpg")
-    with os.fdopen(fd, "wb") as f:
-        Image.new("RGB", (16, 16), (128, 128, 128)).save(f, format="JPEG")
-    return path
 
 
 class DaliLoader(ShardedLoader):
@@ -195,11 +169,9 @@ class DaliLoader(ShardedLoader):
             live = self._pos <= target and (best is None or best[0] <= self._pos)
         else:  # val: every pass reads the same reader epoch; wrapping past a padded tail is cheap
             live = self._pos[1] <= target[1] or self._pos[1] >= self._len
-        if live:
-            pass
-        elif best is not None:
+        if not live and best is not None:
             self._restore(*best)
-        else:
+        elif not live:
             if self.train and target[0] > 0 and not self._warned:
                 log.warning("DALI loader: no saved reader state at or before epoch %d batch %d (a checkpoint "
                             "without it, or from another world size): a fresh pipeline counts as epoch %d, so "
@@ -231,7 +203,7 @@ class DaliLoader(ShardedLoader):
         self._pipe = None
         pos, checkpoint = self._last
         if self._placeholder is None:
-            self._placeholder = _placeholder_jpeg()
+            self._placeholder = placeholder_jpeg()
             weakref.finalize(self, os.unlink, self._placeholder)
         probe = self._build([self._placeholder] * len(self._files), checkpoint)
         idx = np.unique(np.asarray(probe.run()[1].as_tensor()).reshape(-1))
@@ -242,7 +214,7 @@ class DaliLoader(ShardedLoader):
             problems = list(pool.map(file_problem, paths))
         if all(p is None for p in problems):  # not a bad file: out of memory, unsupported variant, a bug
             raise RuntimeError(f"DALI failed on a batch with {paths[0] if paths else '?'}, which PIL decodes: "
-                               f"{_dali_reason(err)}") from err
+                               f"{pipeline_error_reason(err)}") from err
         for i, path, p in zip(idx, paths, problems):
             if p is not None:
                 self.policy.report(path, p, count=False)  # raises with on_corrupt: error

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from hcd.engine.cli import main
-from hcd.engine.config import LossConfig, OFAConfig
+from hcd.engine.loss_config import LossConfig, OFAConfig
 from hcd.engine.methods.logits import LogitDistiller, dkd_warmup
 from hcd.engine.methods.ofa import OFADistiller
 from hcd.engine.models import build_student
