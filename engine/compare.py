@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hcd.engine.config import check_paths, load_config, validate, with_absolute_paths
-from hcd.engine.loss_config import METHODS
 from hcd.engine.config_tree import ConfigError
 from hcd.engine.errors import EXIT_STOPPED
+from hcd.engine.loss_config import METHODS
 from hcd.engine.metrics import read_metrics
 from hcd.engine.runinfo import write_json
 
