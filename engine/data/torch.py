@@ -10,7 +10,7 @@ import gc
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import functional as F
 
 from hcd.engine.data.auto_augment import timm_train_transform
@@ -40,7 +40,8 @@ class _Images(Dataset):
             with Image.open(self.paths[i]) as im:
                 img = im.convert("RGB")  # full decode: truncated files fail here
             if self.timm_transform is not None:
-                with seeded_globals(self.seed, epoch, i, SAMPLE_KEY):  # restored after: main process too
+                # a worker's globals are its own; the main process's (num_workers 0) are put back
+                with seeded_globals(self.seed, epoch, i, SAMPLE_KEY, restore=get_worker_info() is None):
                     x = F.pil_to_tensor(self.timm_transform(img))
             elif self.train:
                 x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]),
