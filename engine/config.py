@@ -46,6 +46,14 @@ class DataConfig:
     on_corrupt: Literal["error", "skip"] = "error"
     synthetic_train_size: int = 512    # loader: synthetic -- samples per epoch (all ranks together)
     synthetic_val_size: int = 128
+    # Train augmentation beyond crop + flip (0 / null: off). DeiT's recipe: auto_augment rand-m9-mstd0.5-inc1,
+    # reprob 0.25, mixup 0.8, cutmix 1.0, mixup_prob 1.0, mixup_switch_prob 0.5 (README, Configs)
+    auto_augment: Optional[str] = None  # timm's policy string (torch loader: any; DALI: 'rand-...' only)
+    reprob: float = 0.0                # random erasing probability per image (timm's, on the device)
+    mixup: float = 0.0                 # Mixup's Beta alpha (> 0 enables it)
+    cutmix: float = 0.0                # CutMix's Beta alpha (> 0 enables it)
+    mixup_prob: float = 1.0            # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5     # with both on: probability of CutMix instead of Mixup
 
 
 @dataclass
@@ -207,6 +215,7 @@ def validate(cfg: Config):
          "must be >= 1 or null")
     need(cfg.data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
     need(cfg.data.synthetic_val_size >= 1, "data.synthetic_val_size", "must be >= 1")
+    _validate_batch_augment(cfg.data, need)
     need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size", "must be >= 1 or null")
     need(cfg.optim.momentum >= 0, "optim.momentum", "must be >= 0")
     need(cfg.schedule.warmup_lr >= 0, "schedule.warmup_lr", "must be >= 0")
@@ -221,6 +230,24 @@ def validate(cfg: Config):
          "which a captured graph cannot follow; use ZeRO-0/1/2")
     need(not (cfg.train.cuda_graph_loss and cfg.method != "hcd"), "train.cuda_graph_loss",
          f"captures the HCD loss call (method 'hcd'), not method {cfg.method!r}")
+
+
+def _validate_batch_augment(d: DataConfig, need):
+    for name in ("mixup", "cutmix"):
+        need(getattr(d, name) >= 0, f"data.{name}", f"must be >= 0 (a Beta alpha; 0: off), got {getattr(d, name)}")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        need(0 <= getattr(d, name) <= 1, f"data.{name}", f"must be in [0, 1], got {getattr(d, name)}")
+    if d.mixup > 0 or d.cutmix > 0:  # timm's Mixup (mode 'batch') mixes sample i with B - 1 - i
+        need(d.batch_size % 2 == 0, "data.batch_size", f"must be even with data.mixup/cutmix on (timm's batch "
+             f"Mixup pairs the samples), got {d.batch_size}")
+        need(d.last_batch == "drop", "data.last_batch", "must be 'drop' with data.mixup/cutmix on (an odd "
+             "partial last batch cannot be paired)")
+    need(d.auto_augment is None or (isinstance(d.auto_augment, str) and d.auto_augment.split("-")[0] in AA_POLICIES),
+         "data.auto_augment", f"must be null or a timm policy string starting with one of {', '.join(AA_POLICIES)} "
+         f"(e.g. 'rand-m9-mstd0.5-inc1'), got {d.auto_augment!r}")
+
+
+AA_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # timm's auto_augment families
 
 
 # Fields that name files or folders: a saved config holds them absolute, so it works from any directory

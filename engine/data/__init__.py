@@ -18,6 +18,9 @@ def build_run_loaders(cfg, mean, std, d):
     its images in its 16-bit dtype: what the 16-bit teacher takes, what a -pure student computes in, and what
     autocast rounds them to in the student's first layer (the trainer casts them to fp32 weights' dtype
     first: a lossless round trip)."""
+    from hcd.engine.data.batch_aug import wrap_train_loader
     from hcd.engine.speed import half_dtype
-    return build_loaders(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed, device=d.device,
-                         num_classes=cfg.model.num_classes, dtype=half_dtype(cfg.train.precision))
+    train, val = build_loaders(cfg.data, mean, std, rank=d.rank, world_size=d.world, seed=cfg.seed, device=d.device,
+                               num_classes=cfg.model.num_classes, dtype=half_dtype(cfg.train.precision))
+    # data.reprob / mixup / cutmix: batch-level, train only (batch_aug.py); the train loader itself otherwise
+    return wrap_train_loader(train, cfg, d.rank, d.device), val

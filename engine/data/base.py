@@ -6,6 +6,8 @@ Interface (both loaders):
                                (a resumed run skips the batches it already trained on, without decoding)
   for images, labels in loader: NCHW (channels-last strides if configured) normalised, int64, on the
                                loader's device; images in loader.dtype (float32, or the run's 16-bit dtype)
+                               (a run's train loader with data.mixup/cutmix, wrapped by batch_aug.BatchAugment,
+                               gives (B, C) float32 probabilities instead of the int64 labels)
   loader.state_dict() / load_state_dict(state)   where the loader stands, for a checkpoint (None: nothing
                                beyond set_epoch's (epoch, start_batch) is needed, as for the torch loader)
   loader.classes, loader.num_samples (samples this rank sees per epoch), loader.skipped (samples dropped
@@ -13,6 +15,7 @@ Interface (both loaders):
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ class ImageSpec:
     std: tuple
     channels_last: bool = False
     train_interpolation: str = "random"   # random | bilinear | bicubic (data.train_interpolation)
+    auto_augment: Optional[str] = None    # timm's policy string (data.auto_augment; auto_augment.py)
 
     @property
     def val_resize(self) -> int:

@@ -4,6 +4,7 @@ import importlib.util
 import torch
 
 from hcd.engine.config import ConfigError, DataConfig
+from hcd.engine.data.auto_augment import parse_rand_augment
 from hcd.engine.data.base import ImageSpec
 from hcd.engine.data.folder import load_split
 
@@ -49,7 +50,9 @@ def build_loaders(data_cfg: DataConfig, mean, std, rank: int = 0, world_size: in
     train = load_split(data_cfg.root, data_cfg.train_dir, data_cfg.train_list)
     val = load_split(data_cfg.root, data_cfg.val_dir, data_cfg.val_list, classes=train.classes)
     spec = ImageSpec(data_cfg.img_size, data_cfg.crop_pct, tuple(map(float, mean)), tuple(map(float, std)),
-                     data_cfg.channels_last, data_cfg.train_interpolation)
+                     data_cfg.channels_last, data_cfg.train_interpolation, data_cfg.auto_augment)
+    if spec.auto_augment and backend == "dali":
+        parse_rand_augment(spec.auto_augment)  # what DALI can express (ConfigError otherwise), before any build
     common = dict(num_workers=data_cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
                   on_corrupt=data_cfg.on_corrupt, device=torch.device(device), dtype=dtype)
     train_loader = Loader(train, spec, train=True, batch_size=data_cfg.batch_size,

@@ -20,7 +20,8 @@ Augmentation. Train: decoders.image_random_crop (random-resized-crop window: are
 decoded as a region of interest) -> resize to img_size x img_size with data.train_interpolation (random: a
 per-sample fn.random.choice of linear and cubic, timm's meaning) -> flip p=0.5 -> normalise; DALI's
 generators seeded per (cfg.seed, rank, split). Val: decode -> shorter side to floor(img_size / crop_pct) ->
-centre crop -> normalise, bilinear. Antialiased (as the torch loader).
+centre crop -> normalise, bilinear. Antialiased (as the torch loader). data.auto_augment: DALI's RandAugment on
+the resized uint8 image (auto_augment.py: timm's op list, what differs; timm flips first: same distribution).
 
 Resume (exact). The pipeline runs with enable_checkpointing=True and the loader keeps pipe.checkpoint() after
 every batch (DALI's serialized state: the reader's position and shuffle, every random generator; a few hundred
@@ -54,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from hcd.engine.data.auto_augment import dali_rand_augment, parse_rand_augment
 from hcd.engine.data.base import ShardedLoader
 from hcd.engine.data.corrupt import file_problem, pipeline_error_reason, placeholder_jpeg
 
@@ -64,15 +66,15 @@ READER = "reader"
 def build_pipeline(spec, *, train: bool, files: list, batch_size: int, num_threads: int, device_id, seed: int,
                    shuffle_seed: int, shard_id: int, num_shards: int, half: bool, checkpoint=None):
     """One built, checkpointing DALI pipeline: outputs (images, index of each sample's file in `files`)."""
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import fn, pipeline_def, types
 
     decode_device = "cpu" if device_id is None else "mixed"
     s = spec.img_size
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    enable_checkpointing=True, checkpoint=checkpoint or None)
+    aug = parse_rand_augment(spec.auto_augment) if train and spec.auto_augment else None
     order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if train
              else dict(stick_to_shard=True))
-    with pipe:
+
+    def graph():  # DALI's RandAugment picks ops with `if` on data: conditionals, only on when it is used
         encoded, index = fn.readers.file(name=READER, files=files, labels=list(range(len(files))),
                                          shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, **order)
         if train:
@@ -84,6 +86,8 @@ def build_pipeline(spec, *, train: bool, files: list, batch_size: int, num_threa
             # flips do not depend on it); DALI's resize takes interp_type as a per-sample argument
             interp = fn.random.choice(train_interp_types(spec.train_interpolation, types))
             img = fn.resize(img, size=[s, s], interp_type=interp, antialias=True)
+            if aug is not None:  # data.auto_augment, on the resized uint8 image (auto_augment.py)
+                img = dali_rand_augment(img, aug, s)
         else:
             img = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
             img = fn.resize(img, resize_shorter=spec.val_resize, interp_type=types.INTERP_LINEAR,
@@ -93,7 +97,10 @@ def build_pipeline(spec, *, train: bool, files: list, batch_size: int, num_threa
                                        output_layout="HWC" if spec.channels_last else "CHW",
                                        crop=[s, s], mirror=mirror,
                                        mean=[m * 255 for m in spec.mean], std=[v * 255 for v in spec.std])
-        pipe.set_outputs(out, index)
+        return out, index
+    pipe = pipeline_def(graph, enable_conditionals=aug is not None)(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+        enable_checkpointing=True, checkpoint=checkpoint or None)
     pipe.build()
     return pipe
 
@@ -269,7 +276,8 @@ class DaliLoader(ShardedLoader):
     def _identity(self) -> dict:
         return {"files": len(self.split), "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
                 "batch_size": self.batch_size, "train": self.train,
-                "train_interpolation": self.spec.train_interpolation}  # the pipeline's operators
+                "train_interpolation": self.spec.train_interpolation,  # the pipeline's operators
+                "auto_augment": self.spec.auto_augment if self.train else None}
 
     def state_dict(self):
         """DALI's state after the last batch given out, with its (epoch, batch); None before the first."""

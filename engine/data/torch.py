@@ -10,19 +10,26 @@ import gc
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchvision.transforms import functional as F
 
+from hcd.engine.data.auto_augment import timm_train_transform
 from hcd.engine.data.base import ImageSpec, ShardedLoader
 from hcd.engine.data.corrupt import short_reason
+from hcd.engine.data.rng import seeded_globals
 from hcd.engine.data.transforms import train_transform, val_transform
+
+SAMPLE_KEY = 0xA4  # separates the per-sample timm streams from other streams keyed by the same seed
 
 
 class _Images(Dataset):
-    """Keys are (index, epoch): the epoch seeds the sample's augmentation (see transforms.py)."""
+    """Keys are (index, epoch): the epoch seeds the sample's augmentation (see transforms.py; with
+    data.auto_augment, timm's transform run on global RNGs seeded from the same key: auto_augment.py)."""
 
     def __init__(self, paths: list, spec: ImageSpec, train: bool, seed: int):
         self.paths, self.spec, self.train = paths, spec, train
         self.seed = seed & 0xFFFFFFFFFFFFFFFF
+        self.timm_transform = timm_train_transform(spec) if train and spec.auto_augment else None
 
     def __len__(self):
         return len(self.paths)
@@ -32,7 +39,11 @@ class _Images(Dataset):
         try:
             with Image.open(self.paths[i]) as im:
                 img = im.convert("RGB")  # full decode: truncated files fail here
-            if self.train:
+            if self.timm_transform is not None:
+                # a worker's globals are its own; the main process's (num_workers 0) are put back
+                with seeded_globals(self.seed, epoch, i, SAMPLE_KEY, restore=get_worker_info() is None):
+                    x = F.pil_to_tensor(self.timm_transform(img))
+            elif self.train:
                 x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]),
                                     self.spec.train_interpolation)
             else:
