@@ -14,7 +14,8 @@ the GEMM launches are kernels/gemm.py's, the counts below are kernels/costs.py's
                         active OL pairs for the Gram gradient) writes dZ = a_s dL/dZ~ (fp32, per sample), the
                         fp32 dz_s (and dz_t = a_t sum_j dL/dZ~_j), and per-row loss partials.
                         ~60*B*N + 2*B*n*N FLOPs; compulsory bytes 4*B*N + 2*B*C*e + 8*B read,
-                        4*B*N + 4*B*C (x2 with teacher grad) + 16*B written (group reloads hit L2).
+                        4*B*N + 4*B*C (x2 with teacher grad) + 16*B written (group reloads hit L2);
+                        a (B, C) soft target (SOFT) reads B*C entries instead of the 8*B label bytes.
     3. partials.sum(0)  (B, 4) -> (ce, kl, ol, total), four 0-dim outputs of one reduction.  16*B bytes.
                         No atomics, no host sync.
   backward (as in quack: dZ is saved, so the grad_output scale rides in the GEMM epilogues, a frozen

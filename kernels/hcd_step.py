@@ -10,7 +10,8 @@ Launch plan (S stages, B rows, C classes, n sub-logits, N = n*C, D = Dp + Dt, K 
                         dZ (fp32, per sample), that stage's fp32 share of dL/dz_s into an (S, B, C) buffer
                         (stage 0's share holds the student terms' gradient too), and one K-column row of
                         loss partials [total, ce, kd, sce, skl, ol, sce_1..S, skl_1..S, ol_1..S] holding
-                        its own terms only (zeros elsewhere). No atomics.
+                        its own terms only (zeros elsewhere). No atomics. A (B, C) soft target: the
+                        SOFT constexpr (kernels/_common.py), read by every stage's programs.
     3. partials.sum     (B, S, K) -> (K,) in one reduction: every part, stage sums included, and the total.
   backward (grad_output g read on device; no host sync)
     4. _gemm_kernel     one grouped launch: dX[s] = (g/B) dZ[s] W[s, :, :Dp] -> (S, B, Dp) in x's dtype.

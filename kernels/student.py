@@ -3,7 +3,8 @@
 Launch plan (B rows of C classes, e = bytes per logit):
   forward  1. _student_row_kernel, one program per row: both softmaxes, the two losses and d(total)/dz
               for the student (and the teacher when it requires grad), all fp32; per-row loss partials.
-              FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B.
+              FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B
+              (+ the B*C entries of a soft target, SOFT, instead of the 8*B label bytes).
            2. partials.sum(0): B*3 floats -> (ce, kd, total), three 0-dim outputs. No atomics, no host sync.
   backward 3. one multiply of the saved fp32 gradients by grad_output, cast to the logits dtype on store
               (torch.mul(..., out=...): one rounding). B*C*(4+e) bytes (x2 with teacher grad).
