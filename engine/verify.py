@@ -1,8 +1,9 @@
 """`hcd verify`: the fused Triton losses against the float64 reference on this machine's device.
 
 Losses: one stage's head, the student terms, hcd_loss, and the baselines dkd / dist / ofa (their loss and
-student gradient, teacher frozen). CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32
-and fp16 (bf16 tl.dot is wrong under the interpreter). The interpreter must be chosen before triton is
+student gradient, teacher frozen); the three HCD losses also on (B, C) soft targets (shape "soft").
+CUDA (when present): fp32, fp16, bf16. CPU: the Triton interpreter, fp32 and fp16 (bf16 tl.dot is wrong
+under the interpreter). The interpreter must be chosen before triton is
 imported, so on CPU this sets TRITON_INTERPRET=1 itself, or re-runs `python -m hcd.engine.cli verify` in a
 child process when triton was already imported without it (on CUDA it clears the variable the same way).
 Pass rule and margins: kernels/testing.py. Imports only torch, triton (through kernels), kernels and
@@ -26,9 +27,14 @@ SHAPES = [
     ("odd", dict(B=47, C=123, n=3, Dp=40, Dt=24, teacher_grad=True), True),
     ("cifar", dict(B=128, C=100, n=4, Dp=512, Dt=384), True),
     ("imagenet", dict(B=256, C=1000, n=4, Dp=768, Dt=768), False),
+    # soft targets (docs/method.md, Soft targets): timm-style mixup rows, the HCD losses only (the baselines
+    # read argmax(t), i.e. labels); B halved to keep the interpreter at ~20 s per dtype
+    ("soft", dict(B=23, C=123, n=3, Dp=40, Dt=24, teacher_grad=True, soft="mixup"), True),
 ]
 
-FIRST_SHAPE_ONLY = ("hcd_loss", "dkd", "dist", "ofa")  # in the CPU interpreter
+FIRST_SHAPE_ONLY = ("hcd_loss", "dkd", "dist", "ofa")  # in the CPU interpreter (and at the soft shape)
+INTERPRETER_SHAPES = ("odd", "soft")  # the shapes FIRST_SHAPE_ONLY losses run at in the interpreter
+SOFT_LOSSES = ("head", "student", "hcd_loss")
 
 
 def _reexec(device, quick, interpret, json_path):
@@ -84,7 +90,9 @@ def run_verify(device=None, quick=False, json_path=None) -> int:
         case = Case(**kw)
         for dtype in dtypes:
             for loss, check in checks:
-                if loss in FIRST_SHAPE_ONLY and interpret and name != SHAPES[0][0]:
+                if loss in FIRST_SHAPE_ONLY and interpret and name not in INTERPRETER_SHAPES:
+                    continue
+                if case.soft and loss not in SOFT_LOSSES:
                     continue
                 t0 = time.perf_counter()
                 rows = check(case, cfg, dtype, device=device, backend="triton", grad_scale=2.5)

@@ -2,6 +2,11 @@
 engine's path), hcd_head_loss (one stage's head) and student_loss (CE + KD); and the baselines of
 docs/method.md, Baselines: dkd_loss, dist_loss, ofa_loss (references: hcd.kernels.baselines_reference).
 
+target, in every HCD loss: (B,) int64 class labels, or a (B, C) float soft target (mixup / cutmix
+probabilities, any float dtype, read as fp32 by the kernels): CE_eps = -sum_c ((1-eps) t_c + eps/C) log p_c,
+the orthogonality mask at argmax(t), ties to the first maximal class (docs/method.md, Soft targets). A
+one-hot t gives the label path's results exactly.
+
 backend: "eager" (hcd.kernels.reference, the numerics ground truth), "compile" (torch.compile of the same
 functions), "triton" (the fused kernels; on CPU tensors only under TRITON_INTERPRET=1), or "auto"
 (triton on CUDA tensors, eager elsewhere).
@@ -112,7 +117,7 @@ def hcd_loss(x_students, x_teacher, weights, biases, teacher_logits, student_log
 
     x_students: an (S, B, Dp) tensor or a sequence of S (B, Dp) tensors; x_teacher (B, Dt), Dt may be 0;
     weights (S, n*C, Dp+Dt) (nn.Linear layout per stage, columns [0:Dp] multiply x_students[s]); biases
-    (S, n*C) or None; teacher/student logits (B, C); target (B,) int64. The teacher side is frozen: a
+    (S, n*C) or None; teacher/student logits (B, C); target (B,) int64 or (B, C) soft. The teacher side is frozen: a
     teacher_logits or x_teacher that requires grad is a ValueError. stages: the stage numbers that name
     the per-stage parts (default 1..S). Returns (total, parts) with parts detached 0-dim tensors: the
     unweighted "ce", "kd", "sce", "skl", "ol" (stage terms summed over the stages) and per stage

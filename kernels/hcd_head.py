@@ -14,7 +14,8 @@ the GEMM launches are kernels/gemm.py's, the counts below are kernels/costs.py's
                         active OL pairs for the Gram gradient) writes dZ = a_s dL/dZ~ (fp32, per sample), the
                         fp32 dz_s (and dz_t = a_t sum_j dL/dZ~_j), and per-row loss partials.
                         ~60*B*N + 2*B*n*N FLOPs; compulsory bytes 4*B*N + 2*B*C*e + 8*B read,
-                        4*B*N + 4*B*C (x2 with teacher grad) + 16*B written (group reloads hit L2).
+                        4*B*N + 4*B*C (x2 with teacher grad) + 16*B written (group reloads hit L2);
+                        a (B, C) soft target (SOFT) reads B*C entries instead of the 8*B label bytes.
     3. partials.sum(0)  (B, 4) -> (ce, kl, ol, total), four 0-dim outputs of one reduction.  16*B bytes.
                         No atomics, no host sync.
   backward (as in quack: dZ is saved, so the grad_output scale rides in the GEMM epilogues, a frozen
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from hcd.kernels import reference
-from hcd.kernels._common import row_label
+from hcd.kernels._common import row_target
 from hcd.kernels.gemm import _backward_dot, _gemm
 from hcd.kernels.head_rows import head_row_terms
 from hcd.kernels.launch import next_pow2, row_num_warps
@@ -48,7 +49,7 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
                      B, C, n, alpha_s, alpha_t, eps, inv_T, T, theta,
                      w_ce, w_kl, w_ol, ce_weight, kl_weight, ol_weight, inv_bn, inv_b_pairs, inv_B,
                      KL_TARGET_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, WRITE_DZ: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SOFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     # w_ce = ce_weight/n, w_kl = kl_weight/n, w_ol = ol_weight/(n (n-1)) (0 when n = 1): per-SAMPLE weights.
     # dZ is stored B times the true gradient (1/B rides in the backward GEMMs' scale), so a 16-bit dZ is not
     # pushed into fp16's subnormal range at large B; the fp32 logits gradients take inv_B = 1/B here.
@@ -60,10 +61,11 @@ def _head_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, loss_ptr,
     lrow = row * C
     zt = tl.load(zt_ptr + lrow + offs, mask=mask, other=0.0).to(tl.float32)
     zs = tl.load(zs_ptr + lrow + offs, mask=mask, other=0.0).to(tl.float32)
-    valid, is_y = row_label(y_ptr, row, C, offs)  # an out-of-range label (CUDA only): clamped, NaN CE
+    # an out-of-range label or a non-finite soft row (CUDA only): read safely, NaN CE; SOFT: y_ptr is (B, C)
+    valid, is_y, t, sum_t = row_target(y_ptr, row, C, offs, mask, SOFT)
     ce_row, kl_row, ol_sum, dzs, sum_g = head_row_terms(
-        z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, n, C, offs, mask, alpha_s, alpha_t, eps, inv_T, T, theta,
-        w_ce, w_kl, w_ol, inv_B, KL_TARGET_GRAD, TEACHER_GRAD, WRITE_DZ, BLOCK_C, BLOCK_N)
+        z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, t, sum_t, n, C, offs, mask, alpha_s, alpha_t, eps, inv_T, T,
+        theta, w_ce, w_kl, w_ol, inv_B, KL_TARGET_GRAD, TEACHER_GRAD, WRITE_DZ, SOFT, BLOCK_C, BLOCK_N)
     tl.store(dzl_ptr + lrow + offs, dzs, mask=mask)
     if TEACHER_GRAD:
         tl.store(dzl_ptr + B * C + lrow + offs, (alpha_t * inv_B) * sum_g, mask=mask)
@@ -92,7 +94,7 @@ def _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, *, teacher_grad, wr
         float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
         1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
         KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=teacher_grad, WRITE_DZ=write_dz,
-        BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=num_warps or row_num_warps(2 * block_c))
+        SOFT=target.is_floating_point(), BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=num_warps or row_num_warps(2 * block_c))
 
 
 class _HCDHead(torch.autograd.Function):

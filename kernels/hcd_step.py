@@ -10,7 +10,8 @@ Launch plan (S stages, B rows, C classes, n sub-logits, N = n*C, D = Dp + Dt, K 
                         dZ (fp32, per sample), that stage's fp32 share of dL/dz_s into an (S, B, C) buffer
                         (stage 0's share holds the student terms' gradient too), and one K-column row of
                         loss partials [total, ce, kd, sce, skl, ol, sce_1..S, skl_1..S, ol_1..S] holding
-                        its own terms only (zeros elsewhere). No atomics.
+                        its own terms only (zeros elsewhere). No atomics. A (B, C) soft target: the
+                        SOFT constexpr (kernels/_common.py), read by every stage's programs.
     3. partials.sum     (B, S, K) -> (K,) in one reduction: every part, stage sums included, and the total.
   backward (grad_output g read on device; no host sync)
     4. _gemm_kernel     one grouped launch: dX[s] = (g/B) dZ[s] W[s, :, :Dp] -> (S, B, Dp) in x's dtype.
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from hcd.kernels import reference
-from hcd.kernels._common import row_label
+from hcd.kernels._common import row_target
 from hcd.kernels.gemm import _backward_dot, _gemm
 from hcd.kernels.head_rows import head_row_terms
 from hcd.kernels.launch import cdiv, next_pow2, row_num_warps
@@ -45,7 +46,7 @@ _SUM_BLOCK = 1024
 def _loss_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, part_ptr,
                      B, C, n, S, alpha_s, alpha_t, eps, inv_T, T, theta, w_ce, w_kl, w_ol,
                      ce_weight, kl_weight, ol_weight, inv_bn, inv_b_pairs, inv_B, inv_T_kd, T_kd, w_ce_s, w_kd_s,
-                     KL_TARGET_GRAD: tl.constexpr, WRITE_DZ: tl.constexpr,
+                     KL_TARGET_GRAD: tl.constexpr, WRITE_DZ: tl.constexpr, SOFT: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Weights as in kernels/hcd_head.py (per sample; dZ stored B times the true gradient), and the
     # student's w_ce_s = ce_weight/B, w_kd_s = kd_weight/B (true scale, like the dz_s buffer).
@@ -57,10 +58,10 @@ def _loss_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, part_ptr,
     zrow = (stage * B + row) * C * n
     zt = tl.load(zt_ptr + lrow + offs, mask=mask, other=0.0).to(tl.float32)
     zs = tl.load(zs_ptr + lrow + offs, mask=mask, other=0.0).to(tl.float32)
-    valid, is_y = row_label(y_ptr, row, C, offs)
+    valid, is_y, t, sum_t = row_target(y_ptr, row, C, offs, mask, SOFT)  # SOFT: y_ptr is the (B, C) target
     ce_row, kl_row, ol_sum, dzs, _sum_g = head_row_terms(
-        z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, n, C, offs, mask, alpha_s, alpha_t, eps, inv_T, T, theta,
-        w_ce, w_kl, w_ol, inv_B, KL_TARGET_GRAD, False, WRITE_DZ, BLOCK_C, BLOCK_N)
+        z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, t, sum_t, n, C, offs, mask, alpha_s, alpha_t, eps, inv_T, T,
+        theta, w_ce, w_kl, w_ol, inv_B, KL_TARGET_GRAD, False, WRITE_DZ, SOFT, BLOCK_C, BLOCK_N)
     sce = ce_row * inv_bn
     skl = kl_row * inv_bn
     ol = ol_sum * inv_b_pairs
@@ -68,8 +69,8 @@ def _loss_row_kernel(z_ptr, zt_ptr, zs_ptr, y_ptr, dz_ptr, dzl_ptr, part_ptr,
     ce = 0.0
     kd = 0.0
     if stage == 0:  # the student's own terms, once per row
-        s_ce, s_kd, g_s, _g_t = student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T_kd, T_kd, w_ce_s,
-                                                  w_kd_s, False)
+        s_ce, s_kd, g_s, _g_t = student_row_terms(zs, zt, is_y, valid, t, sum_t, mask, C, eps, inv_T_kd, T_kd,
+                                                  w_ce_s, w_kd_s, False, SOFT)
         dzs += g_s
         total += w_ce_s * s_ce + w_kd_s * s_kd
         ce = s_ce * inv_B
@@ -117,7 +118,8 @@ def _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, *, write_dz):
     block_c = next_pow2(C)
     _loss_row_kernel[(B, S)](
         z, z_t, z_s, target, dz, dzl, partials, B, C, cfg.n_sublogits, S, *_row_scalars(cfg, B),
-        KL_TARGET_GRAD=not cfg.detach_sublogit_target, WRITE_DZ=write_dz, BLOCK_C=block_c,
+        KL_TARGET_GRAD=not cfg.detach_sublogit_target, WRITE_DZ=write_dz, SOFT=target.is_floating_point(),
+        BLOCK_C=block_c,
         BLOCK_N=max(next_pow2(cfg.n_sublogits), 2), BLOCK_K=next_pow2(partials.shape[2]),
         num_warps=row_num_warps(2 * block_c))
 

@@ -7,7 +7,7 @@ of C floats would not fit in registers at C = 1000.
 import triton
 import triton.language as tl
 
-from hcd.kernels._common import smoothed_ce, softmax_stats
+from hcd.kernels._common import ce_grad, smoothed_ce, smoothed_soft_ce, softmax_stats
 
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps (a constexpr: jit code may read it)
 
@@ -26,8 +26,8 @@ def _pick(vec, idx, j):
 
 
 @triton.jit
-def _group_stats(z_ptr, zrow, n, C, offs, mask, idx, zt, is_y, alpha_s, alpha_t, eps, inv_T, shifted_q, log_s_q,
-                 BLOCK_N: tl.constexpr):
+def _group_stats(z_ptr, zrow, n, C, offs, mask, idx, zt, is_y, t, sum_t, alpha_s, alpha_t, eps, inv_T, shifted_q,
+                 log_s_q, SOFT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 1: per-group statistics in small register vectors (index = group), and the dot products of the
     masked groups (the Gram's numerators).
 
@@ -44,7 +44,10 @@ def _group_stats(z_ptr, zrow, n, C, offs, mask, idx, zt, is_y, alpha_s, alpha_t,
     dots = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
     for j in range(n):
         f = _fused_group(z_ptr, zrow, j, C, offs, mask, zt, alpha_s, alpha_t)
-        ce, m1, _e1, _s1, log_s1 = smoothed_ce(f, mask, is_y, eps, C)
+        if SOFT:
+            ce, m1, _e1, _s1, log_s1 = smoothed_soft_ce(f, mask, t, sum_t, eps, C)
+        else:
+            ce, m1, _e1, _s1, log_s1 = smoothed_ce(f, mask, is_y, eps, C)
         ce_v = tl.where(idx == j, ce, ce_v)
         m1_v = tl.where(idx == j, m1, m1_v)
         ls1_v = tl.where(idx == j, log_s1, ls1_v)
@@ -103,12 +106,14 @@ def _ol_grad(z_ptr, zrow, j, n, C, offs, mask, idx, zt, is_y, alpha_s, alpha_t, 
 
 
 @triton.jit
-def head_row_terms(z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, n, C, offs, mask,
+def head_row_terms(z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, t, sum_t, n, C, offs, mask,
                    alpha_s, alpha_t, eps, inv_T, T, theta, w_ce, w_kl, w_ol, inv_B,
                    KL_TARGET_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, WRITE_DZ: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """One sample of one head, Z's row at z_ptr + zrow: (ce_row, kl_row, ol_sum, dzs, sum_g).
 
+    is_y marks the label (soft targets: argmax(t)); with SOFT the CE takes the soft target row t (fp32, sum
+    sum_t; kernels/_common.py: row_soft_target), otherwise t and sum_t are unused placeholders.
     ce_row, kl_row: the sums over the n groups of CE and T^2 KL (NaN CE for an invalid label); ol_sum: the
     row's sum of relu(G - theta)^2. dZ (= alpha_s dL/dZ~, per-sample weights w_*) goes to dz_ptr + zrow when
     WRITE_DZ; dzs = dL/dz_s at the true scale (inv_B = 1/B); sum_g = sum_j dL/dZ~_j (per sample) when
@@ -121,7 +126,8 @@ def head_row_terms(z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, n, C, offs, mask,
     shifted_q = a_s - m_q  # log q = shifted_q - log_s_q
 
     ce_v, m1_v, ls1_v, m2_v, ls2_v, kl_v, nrm_v, dots = _group_stats(
-        z_ptr, zrow, n, C, offs, mask, idx, zt, is_y, alpha_s, alpha_t, eps, inv_T, shifted_q, log_s_q, BLOCK_N)
+        z_ptr, zrow, n, C, offs, mask, idx, zt, is_y, t, sum_t, alpha_s, alpha_t, eps, inv_T, shifted_q, log_s_q,
+        SOFT, BLOCK_N)
     nrm_c, ol_sum, h, h_dot_g = _orthogonality(nrm_v, dots, idx, n, theta, w_ol)
 
     # ---- pass 2: gradients, one group at a time ----
@@ -132,7 +138,7 @@ def head_row_terms(z_ptr, dz_ptr, zrow, zt, zs, is_y, valid, n, C, offs, mask,
         f = _fused_group(z_ptr, zrow, j, C, offs, mask, zt, alpha_s, alpha_t)
         f = tl.where(mask, f, _pick(m1_v, idx, j))  # a benign tail: no exp overflow (masked on store)
         softmax = tl.exp((f - _pick(m1_v, idx, j)) - _pick(ls1_v, idx, j))
-        g = ce_scale * (softmax - (1.0 - eps) * is_y.to(tl.float32) - eps / C)
+        g = ce_scale * ce_grad(softmax, is_y, t, sum_t, eps, C, SOFT)
         logp = (f * inv_T - _pick(m2_v, idx, j)) - _pick(ls2_v, idx, j)
         p = tl.exp(logp)
         sum_p += tl.where(mask, p, 0.0)

@@ -3,7 +3,9 @@
 Readable over fast. All arithmetic is float32 for 16-bit inputs (float64 stays float64); the scalar
 losses come back in that compute dtype and autograd returns gradients in each input's own dtype.
 Out-of-range labels (only possible on CUDA, where they are not checked up front) give NaN rows
-rather than an out-of-bounds read.
+rather than an out-of-bounds read. target is (B,) int64 labels or (B, C) soft targets (mixup / cutmix
+probabilities, docs/method.md, Soft targets), read in the compute dtype; a soft row with a non-finite entry
+(CUDA only) gives a NaN CE row the same way.
 """
 import torch
 import torch.nn.functional as F
@@ -18,12 +20,44 @@ def _safe_target(target, num_classes):
     return target.clamp(0, num_classes - 1), valid
 
 
+def is_soft(target) -> bool:
+    """A (..., C) float probability target (docs/method.md, Soft targets) rather than int64 labels."""
+    return target.is_floating_point()
+
+
+def _safe_soft(target, dtype):
+    """(t, valid) of a soft target read in `dtype` (the logits' compute dtype): a row with a non-finite entry
+    (unchecked on CUDA) is zeroed and marked invalid, so its CE is NaN with finite gradients, as for an
+    out-of-range label."""
+    t = target.to(dtype)
+    valid = torch.isfinite(t).all(dim=-1)
+    return torch.where(valid.unsqueeze(-1), t, torch.zeros_like(t)), valid
+
+
+def target_labels(target, num_classes, dtype):
+    """(y, valid): the class each row's orthogonality mask zeroes. Labels are clamped into range; a soft
+    target's is argmax(t) of its row read in `dtype` (the compute dtype), ties to the first maximal index
+    (torch.argmax's rule, which the fused kernels follow)."""
+    if not is_soft(target):
+        return _safe_target(target, num_classes)
+    t, valid = _safe_soft(target, dtype)
+    return t.argmax(dim=-1), valid
+
+
 def smoothed_ce_rows(logits, target, eps):
-    """Per-row CE_eps(logits, y) = (1-eps)(-log p_y) + eps * mean_c(-log p_c); logits (..., C), target (...)."""
+    """Per-row CE_eps(logits, y) = (1-eps)(-log p_y) + eps * mean_c(-log p_c); logits (..., C), target (...).
+
+    A soft target t (..., C): -sum_c t'_c log p_c with t' = (1-eps) t + eps/C, written as
+    (1-eps)(-sum_c t_c log p_c) + eps * mean_c(-log p_c) so that a one-hot t gives the label path's value
+    exactly. t is not renormalised (timm's SoftTargetCrossEntropy does not either)."""
     C = logits.shape[-1]
-    y, valid = _safe_target(target, C)
     logp = torch.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if is_soft(target):
+        t, valid = _safe_soft(target, logits.dtype)
+        nll = -(t * logp).sum(dim=-1)
+    else:
+        y, valid = _safe_target(target, C)
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     smooth = -logp.mean(dim=-1)
     rows = (1.0 - eps) * nll + eps * smooth
     return torch.where(valid, rows, torch.full_like(rows, float("nan")))
@@ -40,12 +74,13 @@ def orthogonality_rows(fused, target, threshold):
     """Per-sample mean over the n(n-1) off-diagonal pairs of relu(cos(u_p, u_q) - theta)^2.
 
     fused (B, n, C); the ground-truth class entry of every sub-logit is zeroed before L2 normalisation
-    (docs/method.md, Choices: zero mask). n = 1 has no pair: the loss is 0.
+    (docs/method.md, Choices: zero mask); for a soft target (B, C) the class argmax(t) (target_labels).
+    n = 1 has no pair: the loss is 0.
     """
     B, n, C = fused.shape
     if n == 1:
         return fused.sum(dim=(1, 2)) * 0.0  # zero, but still connected to the graph
-    y, _ = _safe_target(target, C)
+    y, _ = target_labels(target, C, fused.dtype)
     keep = torch.ones(B, 1, C, dtype=fused.dtype, device=fused.device)
     keep.scatter_(2, y.view(B, 1, 1), 0.0)
     u = F.normalize(fused * keep, p=2.0, dim=-1, eps=1e-12)
@@ -74,7 +109,7 @@ def hcd_head_parts(x_student, x_teacher, weight, bias, teacher_logits, student_l
     fused = sublogits(x_student, x_teacher, weight, bias, teacher_logits, cfg)
     B, n, C = fused.shape
     zs = student_logits.to(ct)
-    y = target.view(B, 1).expand(B, n)
+    y = target.unsqueeze(1).expand(B, n, C) if is_soft(target) else target.view(B, 1).expand(B, n)
     sce = smoothed_ce_rows(fused, y, cfg.label_smoothing).mean()
     kl_target = fused.detach() if cfg.detach_sublogit_target else fused
     skl = kl_rows(kl_target, zs.unsqueeze(1).expand(B, n, C), cfg.temperature).mean()

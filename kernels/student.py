@@ -3,7 +3,8 @@
 Launch plan (B rows of C classes, e = bytes per logit):
   forward  1. _student_row_kernel, one program per row: both softmaxes, the two losses and d(total)/dz
               for the student (and the teacher when it requires grad), all fp32; per-row loss partials.
-              FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B.
+              FLOPs ~ 25*B*C; bytes 2*B*C*e read + B*C*4 (x2 with teacher grad) written + 20*B
+              (+ the B*C entries of a soft target, SOFT, instead of the 8*B label bytes).
            2. partials.sum(0): B*3 floats -> (ce, kd, total), three 0-dim outputs. No atomics, no host sync.
   backward 3. one multiply of the saved fp32 gradients by grad_output, cast to the logits dtype on store
               (torch.mul(..., out=...): one rounding). B*C*(4+e) bytes (x2 with teacher grad).
@@ -14,17 +15,22 @@ import triton
 import triton.language as tl
 
 from hcd.kernels import reference
-from hcd.kernels._common import row_label, smoothed_ce, softmax_stats
+from hcd.kernels._common import ce_grad, row_target, smoothed_ce, smoothed_soft_ce, softmax_stats
 from hcd.kernels.launch import next_pow2, row_num_warps
 
 
 @triton.jit
-def student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T, T, w_ce, w_kd, TEACHER_GRAD: tl.constexpr):
-    """One row's (ce, kd, g_s, g_t): CE_eps(z_s, y) (NaN for an invalid label), T^2 KL(p_t || q_s), and
-    w_ce dCE/dz_s + w_kd dKD/dz_s, w_kd dKD/dz_t (zeros unless TEACHER_GRAD), all fp32."""
-    ce, m, e, s, log_s = smoothed_ce(zs, mask, is_y, eps, C)
+def student_row_terms(zs, zt, is_y, valid, t, sum_t, mask, C, eps, inv_T, T, w_ce, w_kd,
+                      TEACHER_GRAD: tl.constexpr, SOFT: tl.constexpr):
+    """One row's (ce, kd, g_s, g_t): CE_eps(z_s, y) (NaN for an invalid label; SOFT: the soft target row t
+    with sum sum_t, else t and sum_t are unused), T^2 KL(p_t || q_s), and w_ce dCE/dz_s + w_kd dKD/dz_s,
+    w_kd dKD/dz_t (zeros unless TEACHER_GRAD), all fp32."""
+    if SOFT:
+        ce, m, e, s, log_s = smoothed_soft_ce(zs, mask, t, sum_t, eps, C)
+    else:
+        ce, m, e, s, log_s = smoothed_ce(zs, mask, is_y, eps, C)
     ce = tl.where(valid, ce, float("nan"))
-    g_ce = (e / s - (1.0 - eps) * is_y.to(tl.float32) - eps / C) * tl.where(valid, w_ce, 0.0)
+    g_ce = ce_grad(e / s, is_y, t, sum_t, eps, C, SOFT) * tl.where(valid, w_ce, 0.0)
 
     # KD: T^2 * sum p (log p - log q), p = softmax(zt/T) the target, q = softmax(zs/T) the learner.
     a_s = zs * inv_T
@@ -48,16 +54,17 @@ def student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T, T, w_ce, w_kd, T
 @triton.jit
 def _student_row_kernel(zs_ptr, zt_ptr, y_ptr, dz_ptr, loss_ptr,
                         B, C, eps, inv_T, T, w_ce, w_kd,
-                        TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                        TEACHER_GRAD: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * C must not overflow for large B*C
     offs = tl.arange(0, BLOCK)
     mask = offs < C
     base = row * C
     zs = tl.load(zs_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     zt = tl.load(zt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    valid, is_y = row_label(y_ptr, row, C, offs)
+    valid, is_y, t, sum_t = row_target(y_ptr, row, C, offs, mask, SOFT)  # SOFT: y_ptr is the (B, C) target
     # w_* already hold weight / B
-    ce, kd, g_s, g_t = student_row_terms(zs, zt, is_y, valid, mask, C, eps, inv_T, T, w_ce, w_kd, TEACHER_GRAD)
+    ce, kd, g_s, g_t = student_row_terms(zs, zt, is_y, valid, t, sum_t, mask, C, eps, inv_T, T, w_ce, w_kd,
+                                         TEACHER_GRAD, SOFT)
     tl.store(dz_ptr + base + offs, g_s, mask=mask)
     if TEACHER_GRAD:
         tl.store(dz_ptr + B * C + base + offs, g_t, mask=mask)
@@ -82,7 +89,7 @@ class _StudentLoss(torch.autograd.Function):
             zs, zt, y, dz, partials, B, C,
             float(cfg.label_smoothing), 1.0 / cfg.kd_temperature, float(cfg.kd_temperature),
             cfg.ce_weight / B, cfg.kd_weight / B,
-            TEACHER_GRAD=teacher_grad, BLOCK=block, num_warps=row_num_warps(block))
+            TEACHER_GRAD=teacher_grad, SOFT=y.is_floating_point(), BLOCK=block, num_warps=row_num_warps(block))
         ctx.save_for_backward(dz)
         ctx.dtype = zs.dtype
         # (ce, kd, total) from one reduction as three outputs; only total is differentiable (see _HCDHead)

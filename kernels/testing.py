@@ -57,11 +57,13 @@ class Case:
     confident: bool = False        # one logit per row +30 (p_y -> 1)
     same: bool = False             # student_logits = teacher_logits
     seed: int = 0
+    soft: str = ""                 # "": int64 labels; else a (B, C) float32 soft target of kind SOFT_KINDS
 
     def label(self) -> str:
         extras = [k for k in ("weight_fp32", "teacher_grad", "frozen_teacher_feature", "confident", "same")
                   if getattr(self, k)]
         extras += ["no-bias"] if not self.bias else []
+        extras += [f"soft={self.soft}"] if self.soft else []
         extras += [f"offset={self.offset:g}"] if self.offset else []
         return f"B={self.B} C={self.C} n={self.n} Dp={self.Dp} Dt={self.Dt}" + "".join(f" {e}" for e in extras)
 
@@ -93,6 +95,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> dict:
         "student_logits": zs.to(dtype),
         "target": y,
     }
+    if case.soft:  # drawn last: the label cases' inputs stay those of the same seed
+        inputs["target"] = soft_target(case.soft, y, C, g)
     out = {}
     for name, t in inputs.items():
         if t is None or name == "target":
@@ -103,6 +107,27 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> dict:
                  (name == "x_teacher" and case.frozen_teacher_feature)
         out[name] = t.requires_grad_(not frozen)
     return out
+
+
+# Soft targets (docs/method.md, Soft targets), built around the labels y (so `confident` lifts y's logit):
+# mixup: timm's Mixup, lam onehot(y) + (1 - lam) onehot(y.flip(0)) with one lam in [0.2, 0.8] per batch;
+# tie: the same at lam = 0.5 (argmax ties: the OL mask takes the first maximal class); dense: Dirichlet(1)
+# rows; onehot: onehot(y) (must equal the label path); unnormalised: 0.6 * a dense row (not renormalised).
+SOFT_KINDS = ("mixup", "tie", "dense", "onehot", "unnormalised")
+
+
+def soft_target(kind: str, y: torch.Tensor, C: int, g: torch.Generator) -> torch.Tensor:
+    """A (B, C) float32 soft target of one of SOFT_KINDS around the labels y, drawn from g."""
+    one = torch.nn.functional.one_hot(y, C).float()
+    if kind == "onehot":
+        return one
+    if kind in ("dense", "unnormalised"):
+        e = -torch.log(torch.rand(len(y), C, generator=g))
+        return e / e.sum(1, keepdim=True) * (0.6 if kind == "unnormalised" else 1.0)
+    if kind not in ("mixup", "tie"):
+        raise ValueError(f"soft: {kind!r} is not one of {', '.join(SOFT_KINDS)}")
+    lam = 0.5 if kind == "tie" else 0.2 + 0.6 * torch.rand((), generator=g).item()
+    return lam * one + (1.0 - lam) * one.flip(0)
 
 
 def as_float64(inputs: dict) -> dict:

@@ -32,14 +32,19 @@ def _check_weight(name, weight, dtype, device):
 
 def check_target(target, batch, num_classes, device):
     """Labels: (B,) int64 on the same device; the range is checked on CPU only (no host sync on CUDA).
+    Or soft targets (docs/method.md, Soft targets): a (B, C) float probability tensor (check_soft_target).
 
     On CUDA an out-of-range label is not caught here; every backend turns its rows into NaN losses
     instead of reading out of bounds, so a bad label shows up as a non-finite loss.
     """
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        check_soft_target(target, batch, num_classes, device)
+        return
     if target.dtype != torch.int64:
-        raise ValueError(f"target: dtype {target.dtype}, expected torch.int64 class indices")
+        raise ValueError(f"target: dtype {target.dtype}, expected torch.int64 class indices or (B, C) float "
+                         "probabilities")
     if target.device != device:
         raise ValueError(f"target: device {target.device} differs from the other inputs' {device}")
     _check_shape("target", target, (batch,))
@@ -48,6 +53,25 @@ def check_target(target, batch, num_classes, device):
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(f"target: label {bad} outside [0, {num_classes})")
+
+
+def check_soft_target(target, batch, num_classes, device):
+    """Soft targets: (B, C), any of float16/bfloat16/float32/float64 whatever the logits' dtype (the kernels
+    read them as fp32), on the logits' device, a constant (no gradient is returned for it). On CPU the rows
+    must be finite and >= 0; on CUDA they are not read here (no host sync): a non-finite row gives a NaN CE
+    row (every backend), like an out-of-range label."""
+    _check_float("target", target, None, device)
+    if target.dim() != 2:
+        raise ValueError(f"target: float targets are (B, C) probabilities, got shape {tuple(target.shape)}")
+    _check_shape("target", target, (batch, num_classes))
+    if torch.is_grad_enabled() and target.requires_grad:
+        raise ValueError("target: requires grad, but soft targets are constants (no gradient is returned for "
+                         "them); pass it detached")
+    if target.device.type == "cpu" and target.numel() > 0:
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError("target: soft target has a non-finite entry")
+        if bool((target < 0).any()):
+            raise ValueError("target: soft target has a negative entry (probabilities must be >= 0)")
 
 
 def check_student_inputs(student_logits, teacher_logits, target):
@@ -168,9 +192,5 @@ def check_baseline_inputs(loss, name, logits, teacher_logits, target, **params):
         raise ValueError(f"temperature: must be > 0, got {params['temperature']!r}")
     if target is None:
         return None
-    if isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 2:
-        _check_float("target", target, None, logits.device)
-        _check_shape("target", target, (B, C))
-        return target.argmax(dim=1)
     check_target(target, B, C, logits.device)
-    return target
+    return target.argmax(dim=1) if target.is_floating_point() else target

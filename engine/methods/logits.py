@@ -12,8 +12,13 @@ from hcd.kernels.reference import compute_dtype
 
 
 def smoothed_ce(logits, target, label_smoothing: float):
-    """CE_eps(z, y) in fp32 for 16-bit logits (docs/method.md, Numerics; float64 stays float64)."""
-    return F.cross_entropy(logits.to(compute_dtype(logits)), target, label_smoothing=label_smoothing)
+    """CE_eps(z, y) in fp32 for 16-bit logits (docs/method.md, Numerics; float64 stays float64). target: (B,)
+    labels or (B, C) probabilities (docs/method.md, Soft targets), read in the same compute dtype; for these
+    F.cross_entropy computes -sum_c ((1-eps) t_c + eps/C) log p_c, the soft CE of hcd.kernels (not
+    renormalised)."""
+    ct = compute_dtype(logits)
+    return F.cross_entropy(logits.to(ct), target.to(ct) if target.is_floating_point() else target,
+                           label_smoothing=label_smoothing)
 
 
 def dkd_warmup(epoch: int, warmup_epochs: float) -> float:

@@ -11,8 +11,17 @@ def softmax(v, T=1.0):
 
 
 def ce(v, y, eps):
+    """CE_eps of one row; y a label, or a soft target row (a list): -sum_c ((1-eps) t_c + eps/C) log p_c."""
     logp = [math.log(p) for p in softmax(v)]
+    if isinstance(y, list):
+        C = len(v)
+        return -sum(((1 - eps) * t + eps / C) * lp for t, lp in zip(y, logp))
     return (1 - eps) * -logp[y] + eps * -sum(logp) / len(v)
+
+
+def label(y):
+    """The class the orthogonality mask zeroes: y, or a soft row's first maximal index."""
+    return y.index(max(y)) if isinstance(y, list) else y
 
 
 def kl(target, learner, T):
@@ -35,7 +44,7 @@ def ol(groups, y, theta):
 
 
 def head_terms(xs, xt, W, b, zt, zs, y, cfg):
-    """(L_sce, L_skl, L_ol) of one stage from Python lists."""
+    """(L_sce, L_skl, L_ol) of one stage from Python lists (y: labels or soft target rows)."""
     B, C, n = len(xs), len(zt[0]), cfg.n_sublogits
     sce = skl = orth = 0.0
     for i in range(B):
@@ -45,7 +54,7 @@ def head_terms(xs, xt, W, b, zt, zs, y, cfg):
                   for j in range(n)]
         sce += sum(ce(g, y[i], cfg.label_smoothing) for g in groups) / n
         skl += sum(kl(g, zs[i], cfg.temperature) for g in groups) / n
-        orth += ol(groups, y[i], cfg.ol_threshold)
+        orth += ol(groups, label(y[i]), cfg.ol_threshold)
     return sce / B, skl / B, orth / B
 
 

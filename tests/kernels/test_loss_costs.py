@@ -34,3 +34,14 @@ def test_loss_gemms_are_the_heads_gemms_times_s():
     for launch in ("z_gemm", "dx_gemm", "dw_gemm"):
         assert loss[launch][0] == S * head[launch][0], launch
     assert loss["total"][1] < S * head["total"][1]
+
+
+def test_soft_targets_read_the_target_rows():
+    """A (B, C) soft target replaces the 8-byte label per row with B*C entries of its dtype, in every row launch
+    (B=2, C=3: labels 16 bytes, a float32 target 24), and changes nothing else."""
+    from hcd.kernels.costs import student_flops_bytes
+    for fn, args in ((loss_flops_bytes, (2, 2, 3, 2, 4, 5, 2)), (head_flops_bytes, (2, 3, 2, 4, 5, 2)),
+                     (student_flops_bytes, (2, 3, 2))):
+        labels, soft = fn(*args), fn(*args, soft_target_bytes=4)
+        assert soft["row"] == (labels["row"][0], labels["row"][1] - 16 + 24), fn.__name__
+        assert all(soft[k] == labels[k] for k in labels if k not in ("row", "total")), fn.__name__

@@ -43,16 +43,20 @@ def compile_all():
 
     tls = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
     for act, weight in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-        build(_head_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": "*i64",
-                                 "dz_ptr": f"*{act}", "dzl_ptr": "*fp32", "loss_ptr": "*fp32"},
-              dict(KL_TARGET_GRAD=True, TEACHER_GRAD=True, WRITE_DZ=True, BLOCK_C=1024, BLOCK_N=4), 8)
-        for detach in (False, True):
-            build(_loss_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": "*i64",
-                                     "dz_ptr": "*fp32", "dzl_ptr": "*fp32", "part_ptr": "*fp32"},
-                  dict(KL_TARGET_GRAD=not detach, WRITE_DZ=True, BLOCK_C=1024, BLOCK_N=4, BLOCK_K=32), 8)
+        # labels (*i64) and soft targets (SOFT: a (B, C) float target, fp32 as timm's Mixup makes it under
+        # bf16 autocast, else the activations' dtype)
+        for soft, y in ((False, "*i64"), (True, "*fp32" if act == "bf16" else f"*{act}")):
+            build(_head_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": y,
+                                     "dz_ptr": f"*{act}", "dzl_ptr": "*fp32", "loss_ptr": "*fp32"},
+                  dict(KL_TARGET_GRAD=True, TEACHER_GRAD=True, WRITE_DZ=True, SOFT=soft, BLOCK_C=1024, BLOCK_N=4), 8)
+            for detach in (False, True):
+                build(_loss_row_kernel, {"z_ptr": "*fp32", "zt_ptr": f"*{act}", "zs_ptr": f"*{act}", "y_ptr": y,
+                                         "dz_ptr": "*fp32", "dzl_ptr": "*fp32", "part_ptr": "*fp32"},
+                      dict(KL_TARGET_GRAD=not detach, WRITE_DZ=True, SOFT=soft, BLOCK_C=1024, BLOCK_N=4, BLOCK_K=32),
+                      8)
+            build(_student_row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": y, "dz_ptr": "*fp32",
+                                        "loss_ptr": "*fp32"}, dict(TEACHER_GRAD=True, SOFT=soft, BLOCK=1024), 4)
         build(_dz_sum_kernel, {"buf_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": f"*{act}"}, dict(BLOCK=1024), 4)
-        build(_student_row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": "*i64", "dz_ptr": "*fp32",
-                                    "loss_ptr": "*fp32"}, dict(TEACHER_GRAD=True, BLOCK=1024), 4)
         for row_kernel in (_dkd_row_kernel, _ofa_row_kernel):
             build(row_kernel, {"zs_ptr": f"*{act}", "zt_ptr": f"*{act}", "y_ptr": "*i64", "dz_ptr": "*fp32",
                                "loss_ptr": "*fp32"}, dict(BLOCK=1024), 4)

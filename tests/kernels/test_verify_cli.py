@@ -31,6 +31,12 @@ def test_verify_quick_cli_on_cpu(tmp_path):
     for loss in ("dkd", "dist", "ofa"):
         for dtype in ("float32", "float16"):
             assert {l.split()[3] for l in lines if l.split()[:3] == ["odd", loss, dtype]} == {"loss", "dz_s"}, loss
+    # soft targets: the three HCD losses at the soft shape in both dtypes, every gradient they return
+    for loss, outputs in (("head", {"ce", "ol", "dx_s", "dW", "db", "dz_t", "dz_s"}), ("student", {"ce", "dz_s"}),
+                          ("hcd_loss", {"sce2", "ol2", "dx_s", "dW", "dz_s"})):
+        for dtype in ("float32", "float16"):
+            assert {l.split()[3] for l in lines if l.split()[:3] == ["soft", loss, dtype]} >= outputs, (loss, dtype)
+    assert not any(l.split()[:2] in (["soft", "dkd"], ["soft", "dist"], ["soft", "ofa"]) for l in lines)
     # the JSON record holds the same rows as the table, with the versions that produced them
     rec = json.loads(record.read_text())
     table = [l for l in lines if l.split()[-1:] == ["ok"] or "ok  (" in l]
