@@ -172,7 +172,9 @@ class HCDDistiller(nn.Module):
 def build_distiller(cfg, device, rank: int = 0):
     """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the module of
     cfg.method around the student (identical initial weights on every rank), the student's normalisation."""
+    from hcd.engine.data.batch_aug import train_loss_config
     from hcd.engine.models import build_student, build_teacher, norm_stats
+    cfg = train_loss_config(cfg)  # Mixup/CutMix: the mixed target carries the smoothing (method.md, Soft targets)
     m = cfg.model
     if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
         print("warning: model.teacher_checkpoint is not set and model.pretrained is false: the teacher is "
