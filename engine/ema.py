@@ -1,5 +1,5 @@
 """An exponential moving average of the student's weights (train.ema_decay; timm.utils.ModelEmaV3), evaluated
-beside the live weights, checkpointed with them and exported beside them (README, "EMA of the student").
+beside the live weights, checkpointed with them and exported beside them (README, Configs: "EMA of the student").
 
 What is averaged: the timm student alone (StudentModel.model), not the projectors or CFMs, which do not
 exist at inference. ModelEmaV3 averages the whole state dict: parameters and buffers (BatchNorm running

@@ -74,10 +74,10 @@ def test_null_and_zero_mean_off():
 
 @pytest.fixture(scope="module")
 def ema_runs(tmp_path_factory, write_config):
-    """The tiny run (12 steps) with the EMA, whole and stopped at step 5 (inside epoch 1) then resumed."""
+    """The tiny run (12 steps; timm's 0.4M-parameter test_resnet student) with the EMA, whole and stopped at step 5 (inside epoch 1) then resumed."""
     tmp = tmp_path_factory.mktemp("ema")
     cfg = write_config(tmp)
-    args = ["train", "--config", cfg, "--set", f"train.ema_decay={DECAY}"]
+    args = ["train", "--config", cfg, "--set", f"train.ema_decay={DECAY}", "--set", "model.student=test_resnet"]
     full, split = tmp / "full", tmp / "split"
     assert main([*args, "--out", str(full)]) == 0
     assert main([*args, "--out", str(split), "--set", "train.stop_at_step=5", "--set", "train.export=false"]) == 0
@@ -105,7 +105,7 @@ def test_a_stopped_and_resumed_run_keeps_the_uninterrupted_ema_bit_for_bit(ema_r
     # the EMA is not the live student: after 12 steps at decay 0.9 its weights differ
     live = torch.load(full / "checkpoints" / "step-00000012" / "mp_rank_00_model_states.pt", map_location="cpu",
                       weights_only=False)["module"]
-    w = "conv1.weight"
+    w = next(iter(a["module"]))  # the first convolution's weight
     assert not torch.allclose(live[f"distiller.student.model.{w}"], a["module"][w])
 
 
@@ -115,7 +115,7 @@ def test_the_exported_ema_loads_with_timm_and_computes_the_emas_logits(ema_runs,
     cfg, full, _ = ema_runs
     saved = read_ema(full / "checkpoints", "step-00000012")["module"]
     exported = timm.create_model(f"local-dir:{full / 'student_ema'}", pretrained=True).eval()
-    reference = timm.create_model("resnet18", num_classes=5).eval()
+    reference = timm.create_model("test_resnet", num_classes=5).eval()
     reference.load_state_dict(saved)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -124,14 +124,15 @@ def test_the_exported_ema_loads_with_timm_and_computes_the_emas_logits(ema_runs,
     # `hcd eval --ema` of the checkpoint scores what the trainer logged and exports the same weights there
     last = _rows(full, "eval")[-1]
     capsys.readouterr()
-    assert main(["eval", "--config", cfg, "--ema", "--checkpoint", str(full / "checkpoints")]) == 0
-    assert f"student EMA resnet18 ({full / 'checkpoints' / 'step-00000012'}): val top-1 {last['val_top1_ema']:.2f}%  " \
+    sets = ["--set", "model.student=test_resnet"]
+    assert main(["eval", "--config", cfg, *sets, "--ema", "--checkpoint", str(full / "checkpoints")]) == 0
+    assert f"student EMA test_resnet ({full / 'checkpoints' / 'step-00000012'}): val top-1 {last['val_top1_ema']:.2f}%  " \
            f"top-5 {last['val_top5_ema']:.2f}%" in capsys.readouterr().out
     again = load_file(str(full / "checkpoints" / "step-00000012" / "student_ema.safetensors"))
     first = load_file(str(full / "student_ema.safetensors"))
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
     # an export is evaluated without --ema; a checkpoint without an EMA has none to evaluate
-    assert main(["eval", "--config", cfg, "--ema", "--checkpoint", str(full / "student_ema")]) == 2
+    assert main(["eval", "--config", cfg, *sets, "--ema", "--checkpoint", str(full / "student_ema")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--ema: " in err and "without --ema" in err
 
@@ -184,3 +185,34 @@ def test_the_ema_resumes_on_another_world_size(tmp_path, write_config, torchrun,
     assert main(["eval", "--config", cfg, "--set", "model.student=test_resnet", "--ema",
                  "--checkpoint", str(run / "checkpoints")]) == 0
     assert f"val top-1 {ev['val_top1_ema']:.2f}%  top-5 {ev['val_top5_ema']:.2f}%" in capsys.readouterr().out
+
+
+def test_every_rank_keeps_the_same_ema_under_zero2(tmp_path, write_config):
+    """ZeRO-2 on 2 ranks: every checkpoint save's EMA (tests/engine/ema_ranks.py writes each rank's) is the same
+    on both ranks, parameters and (after train.dist_bn) BatchNorm statistics, and it is what ema.pt holds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hcd.engine.distributed import LAUNCHER_ENV_KEYS, free_port
+    root = Path(__file__).resolve().parents[2]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_KEYS}
+    env.update(PYTHONPATH=str(root), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HCD_TEST_EMA_DUMP=str(dump))
+    cfg, run = write_config(tmp_path), tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(root / "tests" / "engine" / "ema_ranks.py"), "train", "--config", cfg,
+                        "--out", str(run), "--set", "deepspeed.zero_stage=2", "--set", "model.student=test_resnet",
+                        "--set", "train.export=false", "--set", "train.save_every_steps=1",
+                        "--set", "train.max_steps=3", "--set", f"train.ema_decay={DECAY}"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step in (1, 2, 3):
+        a, b = (torch.load(dump / f"rank{k}-step{step}.pt", weights_only=True) for k in (0, 1))
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert torch.equal(v, b[k]), (step, k)
+    saved = read_ema(run / "checkpoints", "step-00000003")["module"]
+    assert all(torch.equal(v, saved[k]) for k, v in a.items())
