@@ -7,6 +7,8 @@ engine(images, labels, f_t, z_t) = student + the method's heads and losses -> en
 Nothing in a step waits for the device: loss parts are summed on device (MetricWindow), a non-finite loss
 turns its step into a no-op on the device (StepHealth), and the host reads both only for a log row or a
 checkpoint. Stop requests are host flags, agreed between ranks in a gloo group at every optimizer step.
+With train.ema_decay an EMA of the student follows every optimizer step and is evaluated, saved, resumed and
+exported beside it (engine/ema.py).
 """
 import dataclasses
 import random

@@ -166,8 +166,9 @@ def test_a_resume_turns_the_ema_on_from_the_resumed_weights_and_off(tmp_path, wr
 
 def test_the_ema_resumes_on_another_world_size(tmp_path, write_config, torchrun, capsys):
     cfg = write_config(tmp_path)
+    # ZeRO-2: DeepSpeed's universal conversion of the step folder runs beside ema.pt
     common = ["train", "--config", cfg, "--set", "train.export=false", "--set", "model.student=test_resnet",
-              "--set", f"train.ema_decay={DECAY}"]
+              "--set", f"train.ema_decay={DECAY}", "--set", "deepspeed.zero_stage=2"]
     run = tmp_path / "run"
     assert main([*common, "--out", str(run), "--set", "train.stop_at_step=4"]) == 0
     saved = read_ema(run / "checkpoints", "step-00000004")
@@ -182,7 +183,7 @@ def test_the_ema_resumes_on_another_world_size(tmp_path, write_config, torchrun,
     ev = _rows(run, "eval")[-1]
     assert ev["step"] == 2 and "val_top1_ema" in ev
     capsys.readouterr()
-    assert main(["eval", "--config", cfg, "--set", "model.student=test_resnet", "--ema",
+    assert main(["eval", "--config", cfg, *common[3:], "--ema",
                  "--checkpoint", str(run / "checkpoints")]) == 0
     assert f"val top-1 {ev['val_top1_ema']:.2f}%  top-5 {ev['val_top5_ema']:.2f}%" in capsys.readouterr().out
 
