@@ -74,7 +74,8 @@ def test_null_and_zero_mean_off():
 
 @pytest.fixture(scope="module")
 def ema_runs(tmp_path_factory, write_config):
-    """The tiny run (12 steps; timm's 0.4M-parameter test_resnet student) with the EMA, whole and stopped at step 5 (inside epoch 1) then resumed."""
+    """The tiny run (12 steps; timm's 0.4M-parameter test_resnet student) with the EMA, whole, and stopped at
+    step 5 (inside epoch 1) then resumed."""
     tmp = tmp_path_factory.mktemp("ema")
     cfg = write_config(tmp)
     args = ["train", "--config", cfg, "--set", f"train.ema_decay={DECAY}", "--set", "model.student=test_resnet"]
@@ -126,9 +127,10 @@ def test_the_exported_ema_loads_with_timm_and_computes_the_emas_logits(ema_runs,
     capsys.readouterr()
     sets = ["--set", "model.student=test_resnet"]
     assert main(["eval", "--config", cfg, *sets, "--ema", "--checkpoint", str(full / "checkpoints")]) == 0
-    assert f"student EMA test_resnet ({full / 'checkpoints' / 'step-00000012'}): val top-1 {last['val_top1_ema']:.2f}%  " \
-           f"top-5 {last['val_top5_ema']:.2f}%" in capsys.readouterr().out
-    again = load_file(str(full / "checkpoints" / "step-00000012" / "student_ema.safetensors"))
+    step = full / "checkpoints" / "step-00000012"
+    assert f"student EMA test_resnet ({step}): val top-1 {last['val_top1_ema']:.2f}%  top-5 " \
+           f"{last['val_top5_ema']:.2f}%" in capsys.readouterr().out
+    again = load_file(str(step / "student_ema.safetensors"))
     first = load_file(str(full / "student_ema.safetensors"))
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
     # an export is evaluated without --ema; a checkpoint without an EMA has none to evaluate
