@@ -5,7 +5,8 @@ Layout of RUN/checkpoints/:
                     inside mp_rank_00_model_states.pt) plus rng_rank{r}.pt (python, numpy, torch RNG per rank,
                     and the rank's own "rank_state": its train loader's position, e.g. DALI's reader state)
                     and layout.json (world size, batch size, accumulation, ZeRO stage, precision: what a
-                    resume must match, checked before DeepSpeed reads anything)
+                    resume must match, checked before DeepSpeed reads anything), and with train.ema_decay
+                    ema.pt (the EMA of the student, the same on every rank, written by rank 0: engine/ema.py)
   latest, best      text files naming a step folder (DeepSpeed's own `latest` convention, so
                     `zero_to_fp32.py` and `engine.load_checkpoint(dir)` read them too)
 
@@ -76,6 +77,15 @@ def _barrier():
         dist.barrier()
 
 
+EMA_FILE = "ema.pt"
+
+
+def read_ema(ckpt_dir: Path, tag: str) -> Optional[dict]:
+    """The EMA state a step folder holds (StudentEma.state_dict()), or None (written with the EMA off)."""
+    p = Path(ckpt_dir) / tag / EMA_FILE
+    return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+
+
 def read_layout(ckpt_dir: Path, tag: str) -> Optional[dict]:
     """The layout a step folder was written with, or None (a checkpoint from before layouts were kept)."""
     p = Path(ckpt_dir) / tag / "layout.json"
@@ -102,12 +112,13 @@ def legacy_parameter_shapes(ckpt_dir: Path, tag: str) -> Optional[dict]:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, latest: bool = True,
          best: bool = False, written: bool = False, layout: Optional[dict] = None,
-         rank_state: Optional[dict] = None) -> str:
+         rank_state: Optional[dict] = None, ema: Optional[dict] = None) -> str:
     """Collective (every rank calls it): write step `step` atomically and move the pointers.
 
     `written`: this process already saved this very step (epoch end, then end of training): only the
     pointers move. The caller decides from its own state, the same on every rank, never from what a shared
-    file system shows: a folder of the same step left by a crashed run holds other weights and is replaced."""
+    file system shows: a folder of the same step left by a crashed run holds other weights and is replaced.
+    `ema`: the EMA's state (the same on every rank: rank 0 writes it into the folder before it is published)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     final = ckpt_dir / tag
@@ -121,6 +132,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
         torch.save({**rng_state(), "rank_state": rank_state or {}}, ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
         if rank == 0 and layout is not None:
             (ckpt_dir / tmp_tag / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
+        if rank == 0 and ema is not None:
+            torch.save(ema, ckpt_dir / tmp_tag / EMA_FILE)
         _barrier()  # every rank's files are on disk before the folder becomes visible
         if rank == 0:
             if final.exists():  # stale, from a crashed run: move it aside first, so a crash here loses nothing
@@ -168,13 +181,15 @@ class Checkpointer:
     def __init__(self, engine, ckpt_dir: Path, rank: int, layout: Optional[dict] = None):
         self.engine, self.dir, self.rank, self.layout = engine, Path(ckpt_dir), rank, layout
 
-    def save(self, state, best: bool = False, rank_state: Optional[dict] = None, **extra) -> str:
+    def save(self, state, best: bool = False, rank_state: Optional[dict] = None, ema: Optional[dict] = None,
+             **extra) -> str:
         """`extra`: more client state (JSON-like values), returned by load() beside "hcd". `rank_state`: this
-        rank's own state (each rank's file, not rank 0's), returned by load() as "rank_state"."""
+        rank's own state (each rank's file, not rank 0's), returned by load() as "rank_state". `ema`: the EMA's
+        state (ema.pt, read back by read_ema)."""
         if not params_finite(self.engine):  # never write a non-finite checkpoint
             raise NonFiniteState(f"parameters are not finite at step {state.step}; checkpoint not written")
         tag = save(self.engine, self.dir, state.step, {"hcd": state.to_dict(), **extra}, self.rank, best=best,
-                   written=state.saved_step == state.step, layout=self.layout, rank_state=rank_state)
+                   written=state.saved_step == state.step, layout=self.layout, rank_state=rank_state, ema=ema)
         state.saved_step = state.step
         return tag
 

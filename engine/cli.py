@@ -32,7 +32,7 @@ def _train(args):
 def _eval(args):
     cfg = _config(args)
     from hcd.engine.evaluate import evaluate_checkpoint
-    return evaluate_checkpoint(cfg, args.checkpoint)
+    return evaluate_checkpoint(cfg, args.checkpoint, ema=args.ema)
 
 
 def _verify(args):
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint or exported student on the config's val split")
     with_config(e)
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or exported .safetensors")
+    e.add_argument("--ema", action="store_true", help="evaluate (and export) the checkpoint's EMA of the student "
+                                                      "(train.ema_decay) instead of its live weights")
     e.set_defaults(func=_eval)
 
     v = sub.add_parser("verify", help="check the fused kernels against the float64 reference on this device")

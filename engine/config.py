@@ -110,6 +110,9 @@ class TrainConfig:
                                         # eval, checkpoint and export: averaged, rank 0's, or each rank's own
     sync_bn: bool = False               # SyncBatchNorm in training (CUDA, several ranks)
     cuda_graph_loss: bool = False          # replay hcd_loss's forward and backward from CUDA graphs (CUDA only)
+    ema_decay: Optional[float] = None   # EMA of the student's weights (timm's ModelEmaV3 decay, e.g. 0.9998),
+                                        # evaluated and exported beside them (engine/ema.py); null or 0: off
+    ema_warmup: bool = False            # ramp the EMA decay up from 0 over the first steps (timm's use_warmup)
 
 
 @dataclass
@@ -230,6 +233,12 @@ def validate(cfg: Config):
          "which a captured graph cannot follow; use ZeRO-0/1/2")
     need(not (cfg.train.cuda_graph_loss and cfg.method != "hcd"), "train.cuda_graph_loss",
          f"captures the HCD loss call (method 'hcd'), not method {cfg.method!r}")
+    ema = cfg.train.ema_decay
+    need(ema is None or 0 <= ema < 1, "train.ema_decay", f"must be in (0, 1), or null / 0 for off, got {ema}")
+    need(not (ema and cfg.deepspeed.zero_stage == 3), "train.ema_decay",
+         "with deepspeed.zero_stage 3: ZeRO-3 partitions the student's weights over the ranks, and an EMA of them "
+         "would gather the whole student every step; use ZeRO-0/1/2, or turn the EMA off (null)")
+    need(not (cfg.train.ema_warmup and not ema), "train.ema_warmup", "needs train.ema_decay (the EMA is off)")
 
 
 def _validate_batch_augment(d: DataConfig, need):

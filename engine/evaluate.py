@@ -1,4 +1,5 @@
-"""Accuracy on the val split: evaluate() (all ranks together) and `hcd eval` of a checkpoint or an export."""
+"""Accuracy on the val split: evaluate() (all ranks together), the trainer's evaluation of its student (and of
+the student's EMA, engine/ema.py), and `hcd eval` of a checkpoint (or of its EMA) or of an export."""
 import json
 import sys
 from pathlib import Path
@@ -55,15 +56,45 @@ def student_forward(engine):
     return forward
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
+def evaluate_student(run, epoch) -> bool:
+    """Val accuracy of a run's student (run: hcd.engine.trainer.Run), and of its EMA when the run keeps one,
+    logged in one eval row; returns whether the student is the best so far."""
+    from hcd.engine.batchnorm import distribute_bn
+    s = run.state
+    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # every rank evaluates the same model
+    run.engine.eval()
+    top1, top5, n_val = evaluate(student_forward(run.engine), run.val_loader, run.d.device)
+    run.engine.train()
+    s.last_eval_step = s.step
+    best = top1 > s.best_top1
+    s.best_top1 = max(s.best_top1, top1)
+    row = {"kind": "eval", "epoch": epoch, "step": s.step, "val_top1": top1, "val_top5": top5,
+           "val_samples": n_val, "best_top1": s.best_top1}
+    if run.ema is not None:
+        from hcd.engine.ema import evaluate_ema
+        row.update(evaluate_ema(run, autocast_precision(run.engine)))
+    run.log.write(row, s.step, "val/")
+    if run.d.rank == 0:
+        run.pbar.write(f"epoch {epoch:g}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+        if run.ema is not None:
+            run.pbar.write(f"epoch {epoch:g}: student EMA val top-1 {row['val_top1_ema']:.2f}%  "
+                           f"top-5 {row['val_top5_ema']:.2f}%")
+    return best
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint_path: str, ema: bool = False) -> int:
     """Student (and teacher) accuracy on the val split from a checkpoint folder (a run's checkpoints/,
     or one step folder in it) or from an exported student (its timm folder or its .safetensors). A checkpoint folder's student is
-    also exported next to it (student.safetensors + .json in the step folder)."""
+    also exported next to it (student.safetensors + .json in the step folder). `ema`: the checkpoint's EMA of
+    the student instead (exported as student_ema)."""
     p = Path(checkpoint_path)
     if not p.exists():
         raise ConfigError(f"--checkpoint: {p} not found")
     with distributed() as d:
         if p.suffix == ".safetensors" or (p / "config.json").is_file():
+            if ema:
+                raise ConfigError(f"--ema: {p} is an exported student; --ema evaluates the EMA a checkpoint holds "
+                                  "(an exported student_ema evaluates without --ema)")
             return _evaluate_export(cfg, p, d)
         if (p / "latest").is_file():
             ckpt_dir, tag = p, checkpoint.read_pointer(p, "latest")
@@ -74,6 +105,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> int:
                               "student folder (config.json) nor a .safetensors file")
         if tag is None:
             raise ConfigError(f"--checkpoint: {p}/latest names no existing checkpoint")
+        if ema:
+            return _evaluate_ema(cfg, ckpt_dir, tag, d)
         return _evaluate_step_folder(cfg, ckpt_dir, tag, d)
 
 
@@ -138,4 +171,35 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     with autocast(cfg.train.precision, d.device.type):  # as the run evaluated it (fp32 for fp32 and -pure)
         s1, s5, n = evaluate(model, val_loader, d.device)
     rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
+    return 0
+
+
+def _evaluate_ema(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int:
+    """The EMA of the student a step folder holds (ema.pt): built as the config's student (no DeepSpeed: the
+    EMA is whole in every checkpoint), evaluated as the trainer evaluated it (fp32 weights under the run's
+    autocast), and exported into the step folder as student_ema."""
+    from hcd.engine.data import build_run_loaders
+    from hcd.engine.export import export_state_dict
+    from hcd.engine.models import build_student, norm_stats
+    saved = checkpoint.read_ema(ckpt_dir, tag)
+    if saved is None:
+        raise ConfigError(f"--ema: {ckpt_dir / tag} holds no EMA of the student (its run had train.ema_decay off)")
+    m = cfg.model
+    model = build_student(m.student, m.num_classes, [], None, False, m.student_kwargs).model
+    try:
+        model.load_state_dict(saved["module"])
+    except RuntimeError as e:
+        raise ConfigError(f"--ema: the EMA in {ckpt_dir / tag} is not a {m.student} of this config "
+                          f"({str(e).splitlines()[0]}); evaluate it with its run's config") from None
+    model = model.to(d.device).eval()
+    stats = norm_stats(model)
+    _, val_loader = build_run_loaders(cfg, *stats, d)
+    if d.world > 1:
+        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
+    with autocast(cfg.train.precision, d.device.type):  # fp32 weights: the -pure modes evaluate in fp32
+        s1, s5, n = evaluate(model, val_loader, d.device, desc="ema eval")
+    rank0_print(d, f"student EMA {m.student} ({ckpt_dir / tag}): val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
+    if d.rank == 0:
+        export_state_dict(cfg, saved["module"], stats, ckpt_dir / tag, val_loader.classes, "student_ema",
+                          "the student's EMA")
     return 0

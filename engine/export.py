@@ -10,7 +10,9 @@
       timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="student.safetensors",
                         num_classes=K), num_classes=K, **model_kwargs)
 
-Projectors, CFMs and the teacher are training-time only and are not exported.
+Projectors, CFMs and the teacher are training-time only and are not exported. With train.ema_decay the EMA of
+the student (engine/ema.py) is exported beside it in the same two forms, as OUT/student_ema/ and
+OUT/student_ema.safetensors + .json.
 """
 import json
 import os
@@ -135,14 +137,24 @@ def _fp16_masters(optimizer) -> dict:
     return {id(p): m for g, ms in zip(groups, masters) for p, m in zip(g, ms)}
 
 
-def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem: str = "student") -> None:
-    """Export the student a DeepSpeed engine trains (collective; rank 0 writes and says where)."""
+def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem: str = "student", ema=None) -> None:
+    """Export the student a DeepSpeed engine trains (collective; rank 0 writes and says where), and with `ema`
+    (engine/ema.py's StudentEma, the same on every rank) its EMA as <stem>_ema."""
     from hcd.engine.models import norm_stats
     sd = student_state_dict(engine, cfg.deepspeed.zero_stage, rank)
     if rank == 0:
-        mean, std = norm_stats(engine.module.student.model)
-        path = export_student(sd, out_dir, cfg.model.student, cfg.model.num_classes,
-                              model_kwargs=cfg.model.student_kwargs, mean=mean, std=std, img_size=cfg.data.img_size,
-                              crop_pct=cfg.data.crop_pct, class_names=class_names, stem=stem)
-        print(f"exported the student: {path.with_suffix('')}/ (timm: create_model(\"local-dir:{path.with_suffix('')}\", "
-              f"pretrained=True)), and {path} + {path.with_suffix('.json').name}", flush=True)
+        export_state_dict(cfg, sd, norm_stats(engine.module.student.model), out_dir, class_names, stem)
+        if ema is not None:
+            export_state_dict(cfg, ema.module.state_dict(), norm_stats(engine.module.student.model), out_dir,
+                              class_names, f"{stem}_ema", "the student's EMA")
+
+
+def export_state_dict(cfg, sd: dict, stats: tuple, out_dir: Path, class_names, stem: str,
+                      what: str = "the student") -> Path:
+    """export_student of a state dict of the config's student, with the run's data settings; says where."""
+    path = export_student(sd, out_dir, cfg.model.student, cfg.model.num_classes, model_kwargs=cfg.model.student_kwargs,
+                          mean=stats[0], std=stats[1], img_size=cfg.data.img_size, crop_pct=cfg.data.crop_pct,
+                          class_names=class_names, stem=stem)
+    print(f"exported {what}: {path.with_suffix('')}/ (timm: create_model(\"local-dir:{path.with_suffix('')}\", "
+          f"pretrained=True)), and {path} + {path.with_suffix('.json').name}", flush=True)
+    return path

@@ -38,11 +38,12 @@ def plot_run(run) -> int:
     if train:  # outside the axes: inside, it hid the first steps of the curves under it
         ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
-    for key, style in (("val_top1", "o-"), ("val_top5", "s--")):
-        pts = [(r["epoch"], r[key]) for r in evals if key in r]
+    for key, style, label in (("val_top1", "o-", "student top1"), ("val_top5", "s--", "student top5"),
+                              ("val_top1_ema", "^-", "student EMA top1"), ("val_top5_ema", "v--", "student EMA top5")):
+        pts = [(r["epoch"], r[key]) for r in evals if key in r]  # the EMA's: runs with train.ema_decay
         if pts:
             xs, ys = zip(*pts)
-            ax_acc.plot(xs, ys, style, label=f"student {key[4:]}")
+            ax_acc.plot(xs, ys, style, label=label)
     if teacher:
         ax_acc.axhline(teacher[-1]["teacher_top1"], color="gray", linestyle=":",
                        label=f"teacher top1 ({teacher[-1]['teacher_top1']:.1f}%)")

@@ -7,6 +7,8 @@ engine(images, labels, f_t, z_t) = student + the method's heads and losses -> en
 Nothing in a step waits for the device: loss parts are summed on device (MetricWindow), a non-finite loss
 turns its step into a no-op on the device (StepHealth), and the host reads both only for a log row or a
 checkpoint. Stop requests are host flags, agreed between ranks in a gloo group at every optimizer step.
+With train.ema_decay an EMA of the student follows every optimizer step and is evaluated, saved, resumed and
+exported beside it (engine/ema.py).
 """
 import dataclasses
 import random
@@ -24,7 +26,8 @@ from hcd.engine.checkpoint import Checkpointer, NonFiniteState, read_layout, tag
 from hcd.engine.config import Config, ConfigError, dump_config
 from hcd.engine.distributed import Dist, build_engine, compute_dtype, control_group, distributed, rank0_print
 from hcd.engine.errors import EXIT_STOPPED
-from hcd.engine.evaluate import evaluate, student_forward
+from hcd.engine.ema import build_ema, resume_ema
+from hcd.engine.evaluate import evaluate, evaluate_student
 from hcd.engine.health import StepHealth, apply_found_inf, load_scaler_state, scaler_state
 from hcd.engine.layout import check_resume_layout, check_run_folder, run_layout, with_legacy_shapes
 from hcd.engine.metrics import MetricsLog, MetricWindow, read_metrics, write_metrics
@@ -57,6 +60,7 @@ class Run:
     lr: float = 0.0
     teacher_top1: float = 0.0
     uses_teacher: bool = True      # false (method ce): no teacher forward in a step
+    ema: object = None             # the EMA of the student (engine/ema.py), None with train.ema_decay off
 
 
 def train(cfg: Config, out=None, resume: bool = False) -> int:
@@ -85,6 +89,7 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     from hcd.engine.schedule import make_lr_lambda
     resume_tag = check_run_folder(folder, resume)
     teacher, distiller, mean, std = build_distiller(cfg, d.device, d.rank)
+    ema = build_ema(cfg, distiller.student.model, d.device)  # from the initial fp32 weights, before DeepSpeed
     distiller = apply_sync_bn(distiller, cfg.train.sync_bn, d.device, d.world)
     teacher_fn = prepare_models(cfg, teacher, distiller, d.device)
     train_loader, val_loader = build_run_loaders(cfg, mean, std, d)
@@ -115,9 +120,11 @@ def _build(cfg: Config, folder: Path, resume: bool, d: Dist) -> Run:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     window = MetricWindow(cfg.data.batch_size * d.world)
     run = Run(cfg, d, folder, engine, teacher_fn, train_loader, val_loader,
-              Checkpointer(engine, folder / "checkpoints", d.rank, layout), None, window, total_steps, TrainState())
+              Checkpointer(engine, folder / "checkpoints", d.rank, layout), None, window, total_steps, TrainState(),
+              ema=ema)
     if resume:
         _resume(run, resume_tag, prior_rows, saved if from_world else None)
+        resume_ema(ema, engine.module.student.model, run.saver.dir, resume_tag, lambda line: rank0_print(d, line))
     run.health, run.control_group = StepHealth(d.device, run.state.nonfinite), control_group(d)
     run.channels_last = resolved(cfg, d.device)[0]
     run.uses_teacher = distiller.uses_teacher
@@ -199,6 +206,8 @@ def _micro_step(run: Run, images, labels) -> None:
         # DeepSpeed skipped an overflowing 16-bit step (fp16-pure's loss scaler) and held the schedule back:
         # the schedule follows the optimizer steps counted here, as timm's does
         run.engine.lr_scheduler.step()
+    if boundary and run.ema is not None:  # also after a skipped step: the EMA of unchanged weights (engine/ema.py)
+        run.ema.update(run.engine.module.student.model, run.state.step + 1)
     run.window.add(loss, parts)
 
 
@@ -242,28 +251,13 @@ def _log_row(run: Run, partial: bool = False) -> None:
     run.pbar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{run.lr:.3g}", img_s=f"{means['images_per_s']:.0f}")
 
 
-def _evaluate_student(run: Run, epoch) -> bool:
-    """Val accuracy of the student, logged; returns whether it is the best so far."""
-    s = run.state
-    distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # every rank evaluates the same model
-    run.engine.eval()
-    top1, top5, n_val = evaluate(student_forward(run.engine), run.val_loader, run.d.device)
-    run.engine.train()
-    s.last_eval_step = s.step
-    best = top1 > s.best_top1
-    s.best_top1 = max(s.best_top1, top1)
-    run.log.write({"kind": "eval", "epoch": epoch, "step": s.step, "val_top1": top1, "val_top5": top5,
-                   "val_samples": n_val, "best_top1": s.best_top1}, s.step, "val/")
-    if run.d.rank == 0:
-        run.pbar.write(f"epoch {epoch:g}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-    return best
-
-
 def _save(run: Run, best: bool = False) -> None:
     _check_health(run)
     distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # what is saved (rank 0's) is every rank's
+    if run.ema is not None:
+        run.ema.distribute_bn(run.cfg.train.dist_bn, run.d.world)
     with run.window.paused():
-        run.saver.save(run.state, best=best, window=run.window.state_dict(),
+        run.saver.save(run.state, best=best, window=run.window.state_dict(), ema=run.ema and run.ema.state_dict(),
                        rank_state={"train_loader": run.train_loader.state_dict()}, **scaler_state(run.engine))
 
 
@@ -271,7 +265,7 @@ def _end_of_epoch(run: Run, epoch_done: int) -> None:
     """Evaluate (every eval_every epochs and at the end) and checkpoint at an optimizer-step boundary."""
     with run.window.paused():
         if epoch_done % run.cfg.train.eval_every == 0 or run.state.step >= run.total_steps:
-            _save(run, best=_evaluate_student(run, epoch_done))
+            _save(run, best=evaluate_student(run, epoch_done))
         else:
             _save(run)
 
@@ -281,7 +275,7 @@ def _finish(run: Run, reason: Optional[str]) -> int:
     s, d = run.state, run.d
     run.pbar.close()
     if reason is None and s.last_eval_step != s.step:  # the run ended inside an epoch
-        _save(run, best=_evaluate_student(run, round(s.epoch + s.batch / len(run.train_loader), 4)))
+        _save(run, best=evaluate_student(run, round(s.epoch + s.batch / len(run.train_loader), 4)))
     elif s.saved_step != s.step:
         _save(run)
     run.log.close()
@@ -291,7 +285,7 @@ def _finish(run: Run, reason: Optional[str]) -> int:
         return 0 if reason == "train.stop_at_step" else EXIT_STOPPED
     if run.cfg.train.export:
         from hcd.engine.export import export_from_engine
-        export_from_engine(run.cfg, run.engine, run.folder, d.rank, run.train_loader.classes)
+        export_from_engine(run.cfg, run.engine, run.folder, d.rank, run.train_loader.classes, ema=run.ema)
     if d.rank == 0:
         from hcd.engine.plot import plot_run
         plot_run(run.folder)

@@ -1,0 +1,108 @@
+"""An exponential moving average of the student's weights (train.ema_decay; timm.utils.ModelEmaV3), evaluated
+beside the live weights, checkpointed with them and exported beside them (README, Configs: "EMA of the student").
+
+What is averaged: the timm student alone (StudentModel.model), not the projectors or CFMs, which do not
+exist at inference. ModelEmaV3 averages the whole state dict: parameters and buffers (BatchNorm running
+statistics; num_batches_tracked is copied). The copy is made before DeepSpeed wraps the student, from the
+initial fp32 weights, and kept in fp32 on the training device in every train.precision: the autocast modes
+keep fp32 module weights anyway, and under *-pure the module's weights are DeepSpeed's 16-bit copies, whose
+per-step change (1 - decay) x (w - ema) a 16-bit average could not hold; their EMA accumulates in fp32.
+
+When: after every optimizer step (the accumulation boundary), also a step skipped for a non-finite loss or an
+fp16 overflow: the weights did not change then, and the EMA moves towards those unchanged weights, so it stays
+a pure function of the weight sequence and no step waits for the host to learn whether it was skipped. The
+step number given to ModelEmaV3 is the optimizer step just done, as timm's train.py passes it: its first update
+copies the weights (decay 0 at step 1), and train.ema_warmup ramps the decay up (timm's use_warmup).
+
+Ranks: under ZeRO 0-2 every rank holds the whole student, its weights equal after every step, so every rank's
+EMA parameters are equal. Its buffers follow each rank's own BatchNorm statistics; before every evaluation and
+checkpoint train.dist_bn settles the EMA's statistics as the live model's (reduce: the mean of the ranks'
+averages, which is the average of the ranks' mean statistics). ZeRO-3 partitions the parameters: refused in
+engine/config.py (an EMA would need a gather of the whole student every step).
+
+Checkpoint: ema.pt in the step folder (rank 0 writes it before the folder is published, engine/checkpoint.py),
+loaded by every rank on resume, on any world size. A checkpoint without one, resumed with the EMA on, starts
+it from the resumed weights (printed); one with an EMA, resumed with it off, leaves it out (printed).
+"""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hcd.engine import checkpoint
+from hcd.engine.batchnorm import distribute_bn
+
+
+class StudentEma:
+    """ModelEmaV3 of a timm student, fp32, on `device`; its best val top-1 so far travels with it."""
+
+    def __init__(self, student: torch.nn.Module, decay: float, warmup: bool, device: torch.device):
+        from timm.utils import ModelEmaV3
+        self.ema = ModelEmaV3(student, decay=decay, use_warmup=warmup, dtype=torch.float32)
+        self.ema.to(device)
+        self.ema.requires_grad_(False)
+        self.best_top1 = -1.0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def update(self, student: torch.nn.Module, step: int) -> None:
+        """After optimizer step `step` (1-based): on device, no host sync."""
+        self.ema.update(student, step=step)
+
+    def distribute_bn(self, mode: str, world: int) -> None:
+        distribute_bn(self.module, mode, world)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "decay": self.ema.decay, "best_top1": self.best_top1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.best_top1 = state["best_top1"]
+
+    @torch.no_grad()
+    def forward(self, precision: str):
+        """images -> logits of the EMA weights (fp32) under the run's autocast (precision "" for none)."""
+        from hcd.engine.speed import autocast
+
+        def forward(images):
+            with autocast(precision, images.device.type):
+                return self.module(images.float())
+        return forward
+
+
+def build_ema(cfg, student: torch.nn.Module, device: torch.device) -> Optional[StudentEma]:
+    """The EMA a run keeps (None with train.ema_decay off); built before DeepSpeed wraps the student."""
+    t = cfg.train
+    return StudentEma(student, t.ema_decay, t.ema_warmup, device) if t.ema_decay else None
+
+
+def evaluate_ema(run, precision: str) -> dict:
+    """The EMA's val accuracy, all ranks together (collective): the eval row's val_top1_ema, val_top5_ema and
+    best_top1_ema. Its BatchNorm statistics are settled over the ranks first (train.dist_bn)."""
+    from hcd.engine.evaluate import evaluate
+    ema = run.ema
+    ema.distribute_bn(run.cfg.train.dist_bn, run.d.world)
+    top1, top5, _ = evaluate(ema.forward(precision), run.val_loader, run.d.device, desc="ema eval")
+    ema.best_top1 = max(ema.best_top1, top1)
+    return {"val_top1_ema": top1, "val_top5_ema": top5, "best_top1_ema": ema.best_top1}
+
+
+def resume_ema(ema: Optional[StudentEma], student: torch.nn.Module, ckpt_dir: Path, tag: str, say) -> None:
+    """Restore the EMA of step folder `tag` (on every rank), or say what happens without one. `student`: the
+    live timm student, already loaded; `say`: prints once (rank 0)."""
+    saved = checkpoint.read_ema(ckpt_dir, tag)
+    folder = Path(ckpt_dir) / tag
+    if ema is None:
+        if saved is not None:
+            say(f"note: {folder} holds an EMA of the student; train.ema_decay is off, so it is not continued")
+        return
+    if saved is None:
+        ema.ema.set(student)
+        say(f"note: {folder} holds no EMA of the student (written with train.ema_decay off); the EMA starts "
+            "from the resumed weights")
+        return
+    ema.load_state_dict(saved)
+    if saved["decay"] != ema.ema.decay:
+        say(f"note: the EMA was kept with decay {saved['decay']}; it continues with train.ema_decay {ema.ema.decay}")
