@@ -6,6 +6,8 @@ process group made by the first run is reused by the next, and build_distiller a
 draws). Resumable: a finished run (its final evaluation, export and curves written) is skipped, an interrupted
 one with a checkpoint continues from it (as `hcd train --resume`), one that stopped before its first checkpoint
 starts again. After every run: DIR/compare.json and DIR/compare.md (atomic); at the end DIR/compare.png.
+Under torchrun every run uses all the processes; rank 0 alone clears folders, prints and writes the results,
+and the ranks meet at a barrier before each run.
 
 The statistics are pure functions of the runs' metrics.jsonl rows (run_summary, method_summary, markdown).
 """
@@ -129,7 +131,7 @@ def _check_same_config(folder: Path, cfg) -> None:
 def _prepare(folder: Path) -> bool:
     """Whether the run in `folder` resumes (it has a checkpoint); a run that stopped before its first
     checkpoint is cleared so it starts again."""
-    if (folder / "checkpoints" / "latest").is_file():
+    if _has_checkpoint(folder):
         return True
     for name in ("metrics.jsonl", "config.yaml", "tb", "checkpoints"):
         p = folder / name
@@ -160,7 +162,11 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
     """Train every (method, seed) not finished yet, then write the table and the plot; the exit code."""
     if runner is None:
         from hcd.engine.trainer import train as runner
-    base = load_base(config, overrides, methods)
+    d = _process_group()
+    say = print if d.rank == 0 else (lambda *a, **k: None)
+    base = load_base(config, overrides, methods) if d.rank == 0 else None
+    _barrier(d)  # rank 0 built the digits assets, if any, before the others load the config
+    base = base or load_base(config, overrides, methods)
     out = Path(out or base.out).expanduser()
     seed_list = list(range(base.seed, base.seed + seeds))
     jobs = [(m, s) for m in methods for s in seed_list]
@@ -170,34 +176,58 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
         cfg = dataclasses.replace(base, method=m, seed=s)
         validate(cfg)
         _check_same_config(folder, cfg)
+        _barrier(d)  # every rank sees the folder as the previous run left it
         if is_finished(folder, base.train.export):
-            print(f"{tag}: finished earlier, skipped ({_result(folder)})", flush=True)
+            say(f"{tag}: finished earlier, skipped ({_result(folder)})", flush=True)
             continue
-        resume = folder.is_dir() and _prepare(folder)
+        resume = folder.is_dir() and (_prepare(folder) if d.rank == 0 else _has_checkpoint(folder))
+        _barrier(d)  # rank 0 cleared a run that never checkpointed before anyone starts it
         left = len(jobs) - k + 1
         eta = f", ETA {_minutes(sum(timed) / len(timed) * left)}" if timed else ""
-        print(f"{tag}: {'resuming' if resume else 'training'} in {folder} (elapsed "
-              f"{_minutes(time.perf_counter() - start)}{eta})", flush=True)
+        say(f"{tag}: {'resuming' if resume else 'training'} in {folder} (elapsed "
+            f"{_minutes(time.perf_counter() - start)}{eta})", flush=True)
         t0 = time.perf_counter()
         code = runner(cfg, out=str(folder), resume=resume)
         wall = time.perf_counter() - t0
         timed.append(wall)
         gc.collect()  # the finished run's engine, loaders and models
-        if folder.is_dir():
-            write_json(folder / RUN_RECORD, {"wall_s": read_json(folder / RUN_RECORD).get("wall_s", 0.0) + wall})
         if code != 0:
             again = "rerun the same command to continue" if code == EXIT_STOPPED else "see the error above"
-            print(f"{tag}: hcd train exited {code}; {again} (finished runs are kept)", flush=True)
+            say(f"{tag}: hcd train exited {code}; {again} (finished runs are kept)", flush=True)
+        if d.rank == 0:
+            if folder.is_dir():
+                write_json(folder / RUN_RECORD, {"wall_s": read_json(folder / RUN_RECORD).get("wall_s", 0.0) + wall})
             write_results(out, base, config, methods, seed_list)
+        if code != 0:
             return code
-        print(f"{tag}: done in {_minutes(wall)} ({_result(folder)})", flush=True)
-        write_results(out, base, config, methods, seed_list)
-    result = write_results(out, base, config, methods, seed_list)
-    from hcd.engine.plot import plot_compare
-    plot_compare(result, out / "compare.png")
-    print(markdown(result), flush=True)
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}", flush=True)
+        say(f"{tag}: done in {_minutes(wall)} ({_result(folder)})", flush=True)
+    if d.rank == 0:
+        result = write_results(out, base, config, methods, seed_list)
+        from hcd.engine.plot import plot_compare
+        plot_compare(result, out / "compare.png")
+        print(markdown(result), flush=True)
+        print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}", flush=True)
     return 0
+
+
+def _process_group():
+    """This process's Dist; under a launcher with several processes the group is started here, so the ranks
+    can meet before the first run (train() reuses it)."""
+    from hcd.engine.distributed import init_process_group, process_env
+    d = process_env()
+    if d.world > 1:
+        init_process_group(d)
+    return d
+
+
+def _barrier(d) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoints" / "latest").is_file()
 
 
 def read_json(path: Path) -> dict:
