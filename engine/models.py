@@ -17,9 +17,9 @@ TEACHER_FAMILIES = {
 }
 # CNN students: NCHW stage features at reductions 4, 8, 16, 32 (stages 1..4 of docs/method.md).
 STUDENT_FAMILIES = {"resnet", "efficientnet", "mobilenetv3", "regnet", "convnext", "resnest", "ghostnet"}
-# Token-sequence families; as students they get OFA-KD's token projectors (docs/method.md, Token-sequence
-# students). Supported: ViT / DeiT and the MLP mixers (ResMLP, Mixer, gMLP), isotropic stacks of blocks whose
-# stages are block outputs (token_stage_blocks), and Swin, which has four stages of its own.
+# Token-sequence families; as students they get OFA-KD's token projectors (docs/method.md, Token students).
+# Supported: ViT / DeiT and the MLP mixers (ResMLP, Mixer, gMLP), isotropic stacks of blocks whose stages
+# are block outputs (token_stage_blocks), and Swin, which has four stages of its own.
 TOKEN_FAMILIES = {"vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer",
                   "beit", "eva", "cait", "levit", "vision_transformer_hybrid"}
 TOKEN_STUDENT_FAMILIES = {"vision_transformer", "deit", "mlp_mixer", "swin_transformer"}
@@ -166,7 +166,7 @@ class StudentModel(nn.Module):
 def token_stage_blocks(depth: int, stages: Sequence[int]) -> List[int]:
     """The 0-based blocks whose outputs are the stages of an isotropic token model of `depth` blocks: stage s
     is the output of block depth * s / 4 (rounded down), i.e. blocks 3, 6, 9, 12 (1-based) of a 12-block DeiT:
-    four equal quarters of the depth, the last one the final block (docs/method.md, Token-sequence students)."""
+    four equal quarters of the depth, the last one the final block (docs/method.md, Token students)."""
     if depth < 4:
         raise ValueError(f"depth: {depth} blocks cannot give 4 distinct stages")
     return [depth * s // 4 - 1 for s in stages]
@@ -250,7 +250,7 @@ def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None,
 
 def build_student(name: str, num_classes: int, stages: Sequence[int], checkpoint: Optional[str] = None,
                   pretrained: bool = False, kwargs: Optional[dict] = None) -> nn.Module:
-    """A CNN StudentModel or a TokenStudentModel (docs/method.md, Token-sequence students) of a timm name."""
+    """A CNN StudentModel or a TokenStudentModel (docs/method.md, Token students) of a timm name."""
     family = model_family(name, "model.student")
     if family in TOKEN_FAMILIES - TOKEN_STUDENT_FAMILIES:
         raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student without "

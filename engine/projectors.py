@@ -1,6 +1,6 @@
 """The stage projectors P_i (docs/method.md, Modules: Projector): OFA-KD's down-sampling convolutions for a CNN
 student's NCHW stage maps, and OFA-KD's patch-merging + transformer-block projector for a token-sequence
-student's patch grids (docs/method.md, Token-sequence students). HCD's and OFA's distillers both build them
+student's patch grids (docs/method.md, Token students). HCD's and OFA's distillers both build them
 through stage_projectors, so the two methods read a student the same way."""
 import math
 from typing import Optional
@@ -80,7 +80,7 @@ def merge_activations(merges: int) -> list:
 
 
 class TokenProjector(nn.Module):
-    """P_i of a token-sequence student (docs/method.md, Token-sequence students): the stage's patch grid
+    """P_i of a token-sequence student (docs/method.md, Token students): the stage's patch grid
     (B, C_i, H, W), with the model's prefix (class / distillation) tokens (B, P, C_i) beside it when it has
     any, -> h_i (B, out_dim).
 

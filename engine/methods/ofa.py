@@ -27,7 +27,7 @@ class OFADistiller(nn.Module):
         self.stages = list(student.stages)
         d_p = projector_width(student.feature_dim, teacher_dim)
         # CNN: OFA-KD's projector to D_p; token student: to D_s, where OFA-KD's token projector puts its
-        # classifier (docs/method.md, Token-sequence students); each head reads its projector's out_dim
+        # classifier (docs/method.md, Token students); each head reads its projector's out_dim
         self.projectors = stage_projectors(student, d_p, token_out=None)
         self.heads = nn.ModuleList(nn.Linear(p.out_dim, num_classes) for p in self.projectors)
         init_heads_(init, self.projectors, self.heads)

@@ -1,4 +1,4 @@
-"""Token-sequence students (docs/method.md, Token-sequence students): stage features from timm's
+"""Token-sequence students (docs/method.md, Token students): stage features from timm's
 forward_intermediates, OFA-KD's token projector, and HCD / OFA on tiny DeiT, Swin and ResMLP students (CPU)."""
 import pytest
 import torch
