@@ -132,7 +132,7 @@ class HCDDistiller(nn.Module):
 def build_distiller(cfg, device, rank: int = 0):
     """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the module of
     cfg.method around the student (identical initial weights on every rank), the student's normalisation."""
-    from hcd.engine.models import build_student, build_teacher, norm_stats
+    from hcd.engine.models import build_student, build_teacher, check_student_input, norm_stats
     m = cfg.model
     if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
         print("warning: model.teacher_checkpoint is not set and model.pretrained is false: the teacher is "
@@ -142,6 +142,7 @@ def build_distiller(cfg, device, rank: int = 0):
     staged = cfg.method in ("hcd", "ofa")  # the logit methods need no stage features
     student = build_student(m.student, m.num_classes, cfg.head.stages if staged else [], m.student_checkpoint,
                             m.pretrained, m.student_kwargs)
+    check_student_input(student, cfg.data.img_size)
     mean, std = norm_stats(student.model)
     teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
                             student_mean=mean, student_std=std).to(device)

@@ -191,7 +191,8 @@ class TokenStudentModel(nn.Module):
         embed = model.patch_embed if hasattr(model, "patch_embed") else model.stem
         if getattr(embed, "img_size", None) is None:
             raise ModelError(f"model.student_kwargs: {name} has no fixed img_size; its stage grids are unknown")
-        side = min(embed.img_size)
+        self.img_size = tuple(embed.img_size)
+        side = min(self.img_size)
         self.stage_channels = [info[i]["num_chs"] for i in self.indices]
         self.token_grids = [-(-side // info[i]["reduction"]) for i in self.indices]  # ceil: odd grids are padded
         self.prefix_tokens = getattr(model, "num_prefix_tokens", 0)
@@ -204,6 +205,15 @@ class TokenStudentModel(nn.Module):
         extra = {"return_prefix_tokens": True} if self.prefix_tokens else {}
         final, feats = self.model.forward_intermediates(images, indices=self.indices, **extra)
         return self.model.forward_head(final), feats
+
+
+def check_student_input(student: nn.Module, img_size: int) -> None:
+    """A token student's patch embedding, stage grids and projectors are built for one input size: a
+    data.img_size it was not built for is refused here in one line, not in timm's first forward."""
+    size = getattr(student, "img_size", None)
+    if size is not None and size != (img_size, img_size):
+        raise ModelError(f"model.student_kwargs: {type(student.model).__name__} is built for {size[0]}x{size[1]} "
+                         f"inputs but data.img_size is {img_size}: set model.student_kwargs.img_size to {img_size}")
 
 
 def _build_timm(role: str, name: str, families: set, num_classes: int, checkpoint: Optional[str],

@@ -86,8 +86,8 @@ class TokenProjector(nn.Module):
 
     OFA-KD's layout: token_merge_count(grid) patch mergings (timm's Swin PatchMerging, the first to the
     student's width D_s, GELUs as merge_activations says) on the patch tokens only, the prefix tokens set
-    back in front, token_block_count(stage) timm ViT Blocks of width D_s and 4 heads, then the class token (class_token)
-    or the mean of the patch tokens. OFA-KD ends with Linear(D_s -> classes); here that is a Linear(D_s ->
+    back in front, token_block_count(stage) timm ViT Blocks of width D_s and 4 heads, then the class token
+    (class_token) or the mean of the patch tokens. OFA-KD ends with Linear(D_s -> classes); here that is a Linear(D_s ->
     out_dim) (HCD: out_dim = D_p, none when D_p = D_s) or nothing (out_dim None: OFA's head follows)."""
 
     def __init__(self, stage: int, c_in: int, grid: int, width: int, out_dim: Optional[int] = None,
@@ -108,7 +108,7 @@ class TokenProjector(nn.Module):
             if merge_activations(merges)[k]:
                 layers.append(nn.GELU())
             c = width
-        if c != width:  # no merging (a grid of 7 or less) and a narrower stage: tokens to D_s by one Linear
+        if c != width:  # no merging (a grid under 14) and a narrower stage: tokens to D_s by one Linear
             layers.append(nn.Linear(c, width))
         self.merge = nn.Sequential(*layers)
         self.blocks = nn.Sequential(*[Block(width, TOKEN_HEADS) for _ in range(token_block_count(stage))])

@@ -206,3 +206,12 @@ def test_channels_last_and_compile_keep_a_token_students_losses(tmp_path, monkey
     torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, fast_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_token_student_built_for_another_input_size_is_refused_in_one_line(tmp_path):
+    from hcd.engine.config import load_config
+    from hcd.engine.distiller import build_distiller
+    (tmp_path / "run.yaml").write_text(TINY_RUN)
+    with pytest.raises(ModelError, match=r"^model.student_kwargs: VisionTransformer is built for 56x56 inputs but "
+                                         r"data.img_size is 32: set model.student_kwargs.img_size to 32$"):
+        build_distiller(load_config(str(tmp_path / "run.yaml"), ("data.img_size=32",)), torch.device("cpu"))
