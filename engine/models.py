@@ -163,13 +163,19 @@ class StudentModel(nn.Module):
         return self.model.forward_head(final), feats
 
 
+# Where the stages of an isotropic token model end, in twelfths of its depth: OFA-KD's ViT / DeiT students
+# give the outputs of blocks 2, 4, 10, 12 (1-based) of 12 as stages 1-4, Swin-T's 2-2-6-2 stage split.
+STAGE_ENDS_OF_12 = (2, 4, 10, 12)
+
+
 def token_stage_blocks(depth: int, stages: Sequence[int]) -> List[int]:
     """The 0-based blocks whose outputs are the stages of an isotropic token model of `depth` blocks: stage s
-    is the output of block depth * s / 4 (rounded down), i.e. blocks 3, 6, 9, 12 (1-based) of a 12-block DeiT:
-    four equal quarters of the depth, the last one the final block (docs/method.md, Token students)."""
-    if depth < 4:
-        raise ValueError(f"depth: {depth} blocks cannot give 4 distinct stages")
-    return [depth * s // 4 - 1 for s in stages]
+    ends after round(depth * STAGE_ENDS_OF_12[s - 1] / 12) blocks (halves up), i.e. blocks 1, 3, 9, 11 of a
+    12-block DeiT-T or ResMLP-12, as OFA-KD takes them (docs/method.md, Token students)."""
+    ends = [(depth * e + 6) // 12 for e in STAGE_ENDS_OF_12]  # round half up, in integers
+    if ends[0] < 1 or len(set(ends)) < 4:
+        raise ValueError(f"depth: {depth} blocks cannot give 4 distinct stages (at least 5 are needed)")
+    return [ends[s - 1] - 1 for s in stages]
 
 
 class TokenStudentModel(nn.Module):

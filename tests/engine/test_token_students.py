@@ -14,9 +14,9 @@ from hcd.kernels import HCDLossConfig
 
 # name, timm kwargs, image side; the tiny DeiT has a 14 x 14 grid (one patch merging), as DeiT-T at 224 px
 STUDENTS = {
-    "deit": ("deit_tiny_patch16_224", dict(img_size=56, patch_size=4, embed_dim=48, depth=4, num_heads=2), 56),
+    "deit": ("deit_tiny_patch16_224", dict(img_size=56, patch_size=4, embed_dim=48, depth=6, num_heads=2), 56),
     "deit_distilled": ("deit_tiny_distilled_patch16_224",
-                       dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2), 32),
+                       dict(img_size=32, patch_size=4, embed_dim=48, depth=5, num_heads=2), 32),
     "swin": ("swin_tiny_patch4_window7_224",
              dict(img_size=56, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)), 56),
     "resmlp": ("resmlp_12_224", dict(img_size=32), 32),  # ResMLP-12's widths are fixed: 12 blocks of 384
@@ -28,13 +28,17 @@ def _teacher(classes=7):
     return build_teacher("vit_tiny_patch16_224", classes, kwargs=TEACHER)
 
 
-def test_stage_blocks_are_equal_quarters_of_the_depth():
-    assert token_stage_blocks(12, [1, 2, 3, 4]) == [2, 5, 8, 11]   # after blocks 3, 6, 9, 12 (1-based)
-    assert token_stage_blocks(4, [1, 2, 3, 4]) == [0, 1, 2, 3]
-    assert token_stage_blocks(6, [1, 2, 3, 4]) == [0, 2, 3, 5]     # rounded down
-    assert token_stage_blocks(24, [2, 4]) == [11, 23]
-    with pytest.raises(ValueError, match="^depth: 3"):
-        token_stage_blocks(3, [1])
+def test_stage_blocks_follow_ofakd_and_swin_t_split():
+    """OFA-KD's 12-block ViT students: blocks 1, 3, 9, 11 (0-based), where Swin-T's 2-2-6-2 stages end;
+    other depths in proportion (rounded half up), never two stages on one block."""
+    assert token_stage_blocks(12, [1, 2, 3, 4]) == [1, 3, 9, 11]
+    assert token_stage_blocks(24, [1, 2, 3, 4]) == [3, 7, 19, 23]
+    assert token_stage_blocks(6, [1, 2, 3, 4]) == [0, 1, 4, 5]
+    assert token_stage_blocks(8, [1, 2, 3, 4]) == [0, 2, 6, 7]     # 1.33, 2.67, 6.67, 8 blocks, rounded
+    assert token_stage_blocks(5, [1, 2, 3, 4]) == [0, 1, 3, 4]
+    assert token_stage_blocks(12, [2, 4]) == [3, 11]               # the same blocks whatever else is chosen
+    with pytest.raises(ValueError, match="^depth: 4 blocks cannot give 4 distinct stages"):
+        token_stage_blocks(4, [4])
 
 
 def test_projector_geometry_follows_ofakd():
@@ -60,12 +64,19 @@ def test_projector_geometry_follows_ofakd():
 
 @pytest.mark.parametrize("class_token", [True, False])
 def test_projector_pools_the_class_token_or_the_patch_mean(class_token):
-    """Float64 reference: merge the patch tokens, put the prefix tokens in front, run the blocks, then take
-    the class token or the mean of the patch tokens (never the prefix), then the final Linear."""
+    """Float64 reference (OFA-KD's distillers/ofa.py): merge the patch tokens, put the prefix tokens in front,
+    run the blocks, then take the class token or the mean of the patch tokens (never the prefix), then the
+    final Linear."""
     torch.manual_seed(0)
     p = TokenProjector(2, 16, 14, 16, out_dim=24, class_token=class_token, prefix_tokens=2).double().eval()
     grid, prefix = torch.randn(3, 16, 14, 14, dtype=torch.float64), torch.randn(3, 2, 16, dtype=torch.float64)
-    merged = p.merge[0](grid.permute(0, 2, 3, 1))  # one PatchMerging (NHWC), then its GELU
+    # OFA-KD's PatchMerging: the 2 x 2 neighbours concatenated in the order (0::2, 0::2), (1::2, 0::2),
+    # (0::2, 1::2), (1::2, 1::2) of (H, W), LayerNorm(4C), Linear(4C -> D_s) without bias; then its GELU
+    x = grid.permute(0, 2, 3, 1)
+    merging = p.merge[0]
+    cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    merged = merging.reduction(merging.norm(cat))
+    assert merging.reduction.bias is None
     tokens = torch.cat([prefix, nn.functional.gelu(merged).reshape(3, 49, 16)], dim=1)
     for block in p.blocks:
         tokens = block(tokens)
@@ -87,7 +98,8 @@ def test_stage_features_feed_projectors_of_the_right_widths(key):
     expect = {"deit": ([48] * 4, [14] * 4, 1, True), "deit_distilled": ([48] * 4, [8] * 4, 2, True),
               "swin": ([16, 32, 64, 128], [14, 7, 4, 2], 0, False), "resmlp": ([384] * 4, [2] * 4, 0, False)}[key]
     assert (s.stage_channels, s.token_grids, s.prefix_tokens, s.class_token) == expect
-    assert s.indices == ([2, 5, 8, 11] if key == "resmlp" else [0, 1, 2, 3])
+    assert s.indices == {"deit": [0, 1, 4, 5], "deit_distilled": [0, 1, 3, 4], "swin": [0, 1, 2, 3],
+                         "resmlp": [1, 3, 9, 11]}[key]
 
 
 @pytest.mark.parametrize("key", ["deit", "swin", "resmlp"])
@@ -127,7 +139,7 @@ def test_projector_gradients_reach_exactly_the_chosen_stages(key, blocks):
     sum(p(f).square().sum() for p, f in zip(hcd.projectors, feats)).backward()
     grads = [any(q.grad is not None and q.grad.abs().sum() > 0 for q in b.parameters())
              for b in getattr(s.model, blocks)]
-    assert grads == [True, True, False, False]
+    assert grads == {"deit": [True, True, False, False, False, False], "swin": [True, True, False, False]}[key]
 
 
 def test_ofa_init_covers_the_token_projector():
@@ -148,21 +160,21 @@ def test_unsupported_token_students_are_refused_in_one_line(name, family):
     with pytest.raises(ModelError, match=rf"^model.student: model family '{family}' .*token-sequence") as err:
         build_student(name, 10, [1, 2, 3, 4])
     assert "\n" not in str(err.value)
-    with pytest.raises(ModelError, match="^model.student_kwargs: VisionTransformer: depth: 2"):
+    with pytest.raises(ModelError, match="^model.student_kwargs: VisionTransformer: depth: 4 blocks"):
         build_student("deit_tiny_patch16_224", 10, [1], kwargs=dict(img_size=32, patch_size=8, embed_dim=48,
-                                                                    depth=2, num_heads=2))
+                                                                    depth=4, num_heads=2))
 
 
 def test_feature_widths_of_token_students_and_bench_shapes(tmp_path):
     """hcd bench's head shapes (D_p, D_t) follow a config with a token student (built on the meta device)."""
     from hcd.engine.bench.shapes import config_widths
     assert feature_widths("convnext_tiny", "deit_tiny_patch16_224", 1000) == (192, 768)
-    swin_nano = dict(embed_dim=64, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16])
+    swin_nano = dict(embed_dim=64, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16])  # OFA-KD's Swin-N
     assert feature_widths("resnet50", "swin_tiny_patch4_window7_224", 100, None, swin_nano) == (512, 2048)
     (tmp_path / "cifar100").mkdir()
     (tmp_path / "cifar100" / "pair.yaml").write_text(
         "model: {teacher: resnet50, student: swin_tiny_patch4_window7_224, num_classes: 100,\n"
-        "        student_kwargs: {embed_dim: 64, depths: [2, 2, 6, 2], num_heads: [2, 4, 8, 16]}}\n")
+        "        student_kwargs: {embed_dim: 64, depths: [2, 2, 2, 2], num_heads: [2, 4, 8, 16]}}\n")
     [w] = config_widths(tmp_path)
     assert (w.config, w.C, w.Dp, w.Dt) == ("cifar100/pair.yaml", 100, 2048, 2048)
 
@@ -172,7 +184,7 @@ model:
   teacher: vit_tiny_patch16_224
   teacher_kwargs: {img_size: 32, patch_size: 8, depth: 1, embed_dim: 64, num_heads: 2}
   student: deit_tiny_patch16_224
-  student_kwargs: {img_size: 56, patch_size: 4, embed_dim: 48, depth: 4, num_heads: 2}
+  student_kwargs: {img_size: 56, patch_size: 4, embed_dim: 48, depth: 6, num_heads: 2}
   num_classes: 7
 data: {img_size: 56}
 head: {stages: [1, 4], backend: eager}
