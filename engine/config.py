@@ -17,7 +17,7 @@ from hcd.engine.loss_config import METHODS, LossConfig
 @dataclass
 class ModelConfig:
     teacher: str = "vit_tiny_patch16_224"      # any timm name of a supported teacher family
-    student: str = "resnet18"                  # any timm name of a supported CNN student family
+    student: str = "resnet18"                  # a timm name of a supported CNN or token-sequence student family
     teacher_kwargs: dict = field(default_factory=dict)   # extra timm.create_model kwargs (img_size, depth...)
     student_kwargs: dict = field(default_factory=dict)
     teacher_checkpoint: Optional[str] = None   # .pt/.pth/.safetensors state dict for the teacher

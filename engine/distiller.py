@@ -9,57 +9,18 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from hcd.engine.projectors import Projector, TokenProjector, projector_channels, projector_width, stage_projectors
 from hcd.kernels import HCDLossConfig, hcd_loss
 
-
-def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
-    """dwconv3x3(s2) -> conv1x1 -> BN -> ReLU -> dwconv3x3(s1) -> conv1x1 -> BN -> ReLU (OFA-KD's block).
-
-    As in OFA-KD (the projector of docs/method.md, Modules), the block keeps c_in channels up to its last conv1x1,
-    which alone maps c_in -> c_out: changing the width at the first conv1x1 instead would run the second
-    half at c_out and make the stage-1 projector about 3x larger (ResNet18 into D_p = 768)."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_in, 3, stride=2, padding=1, groups=c_in, bias=False),
-        nn.Conv2d(c_in, c_in, 1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True),
-        nn.Conv2d(c_in, c_in, 3, stride=1, padding=1, groups=c_in, bias=False),
-        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-    )
-
-
-def projector_channels(stage: int, c_in: int, d_p: int) -> list:
-    """Output widths of the (4 - stage) down-sampling blocks: doubling, the last one ending at D_p."""
-    blocks = 4 - stage
-    return [c_in * 2 ** (k + 1) for k in range(blocks - 1)] + [d_p]
-
-
-def projector_width(d_s: int, d_t: int) -> int:
-    """D_p = max(D_s, D_t): every projector's output width (docs/method.md, Notation)."""
-    return max(d_s, d_t)
+__all__ = ["Projector", "TokenProjector", "projector_channels", "projector_width", "stage_projectors",
+           "head_input_widths", "HCDDistiller", "DistillOutput", "build_distiller", "init_heads_", "ofa_init_",
+           "linear_init_"]  # the projectors moved to engine/projectors.py; importable from here as before
 
 
 def head_input_widths(d_s: int, d_t: int, cfm_hidden: Optional[int] = None) -> Tuple[int, int]:
     """The widths of the fused head's (x_student, x_teacher) for a student / teacher pair: (D_p, D_t), or
     (cfm_hidden, 0) with a hidden CFM layer, whose activations mix both (see HCDDistiller.forward)."""
     return (cfm_hidden, 0) if cfm_hidden else (projector_width(d_s, d_t), d_t)
-
-
-class Projector(nn.Module):
-    """P_i: stage feature map (B, C_i, H, W) -> h_i (B, D_p) (docs/method.md, Modules: Projector)."""
-
-    def __init__(self, stage: int, c_in: int, d_p: int):
-        super().__init__()
-        if stage == 4:
-            self.body = nn.Conv2d(c_in, d_p, 1)
-        else:
-            layers, c = [], c_in
-            for c_out in projector_channels(stage, c_in, d_p):
-                layers.append(_sep_block(c, c_out))
-                c = c_out
-            self.body = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-
-    def forward(self, x):
-        return self.pool(self.body(x)).flatten(1)
 
 
 def linear_init_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -129,8 +90,7 @@ class HCDDistiller(nn.Module):
         self.backend = backend
         self.loss_fn = hcd_loss  # hcd_loss's signature; train.cuda_graph_loss replays it from CUDA graphs
         d_p = projector_width(student.feature_dim, teacher_dim)
-        self.projectors = nn.ModuleList(
-            Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
+        self.projectors = stage_projectors(student, d_p, token_out=d_p)  # every h_i of width D_p
         # The CFMs (docs/method.md, Modules: CFM). Their output Linears of all stages are one (S, n*C, D)
         # weight and one (S, n*C) bias, read by the fused loss as they are; with head.cfm_hidden each stage
         # keeps its own hidden Linear + ReLU in front (D = H then). Initialised stage by stage exactly as the
@@ -173,7 +133,7 @@ def build_distiller(cfg, device, rank: int = 0):
     """(teacher, distiller, mean, std) for a run config: the frozen teacher on `device`, the module of
     cfg.method around the student (identical initial weights on every rank), the student's normalisation."""
     from hcd.engine.data.batch_aug import train_loss_config
-    from hcd.engine.models import build_student, build_teacher, norm_stats
+    from hcd.engine.models import build_student, build_teacher, check_student_input, norm_stats
     cfg = train_loss_config(cfg)  # Mixup/CutMix: the mixed target carries the smoothing (method.md, Soft targets)
     m = cfg.model
     if m.teacher_checkpoint is None and not m.pretrained and rank == 0:
@@ -184,6 +144,7 @@ def build_distiller(cfg, device, rank: int = 0):
     staged = cfg.method in ("hcd", "ofa")  # the logit methods need no stage features
     student = build_student(m.student, m.num_classes, cfg.head.stages if staged else [], m.student_checkpoint,
                             m.pretrained, m.student_kwargs)
+    check_student_input(student, cfg.data.img_size)
     mean, std = norm_stats(student.model)
     teacher = build_teacher(m.teacher, m.num_classes, m.teacher_checkpoint, m.pretrained, m.teacher_kwargs,
                             student_mean=mean, student_std=std).to(device)

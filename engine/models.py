@@ -1,5 +1,6 @@
-"""timm teacher and student: the frozen teacher wrapper (f_t and z_t from one forward) and the CNN student
-with its stage features. Families are checked up front so an unsupported model fails at construction."""
+"""timm teacher and student: the frozen teacher wrapper (f_t and z_t from one forward), the CNN student and the
+token-sequence student with their stage features. Families are checked up front so an unsupported model fails
+at construction."""
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,9 +17,13 @@ TEACHER_FAMILIES = {
 }
 # CNN students: NCHW stage features at reductions 4, 8, 16, 32 (stages 1..4 of docs/method.md).
 STUDENT_FAMILIES = {"resnet", "efficientnet", "mobilenetv3", "regnet", "convnext", "resnest", "ghostnet"}
-# Token-sequence students need their own projectors (docs/method.md, Later).
+# Token-sequence families; as students they get OFA-KD's token projectors (docs/method.md, Token students).
+# Supported: ViT / DeiT and the MLP mixers (ResMLP, Mixer, gMLP), isotropic stacks of blocks whose stages
+# are block outputs (token_stage_blocks), and Swin, which has four stages of its own.
 TOKEN_FAMILIES = {"vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "mlp_mixer",
                   "beit", "eva", "cait", "levit", "vision_transformer_hybrid"}
+TOKEN_STUDENT_FAMILIES = {"vision_transformer", "deit", "mlp_mixer", "swin_transformer"}
+STAGED_TOKEN_FAMILIES = {"swin_transformer"}
 STAGE_REDUCTIONS = {1: 4, 2: 8, 3: 16, 4: 32}
 
 
@@ -158,6 +163,65 @@ class StudentModel(nn.Module):
         return self.model.forward_head(final), feats
 
 
+# Where the stages of an isotropic token model end, in twelfths of its depth: OFA-KD's ViT / DeiT students
+# give the outputs of blocks 2, 4, 10, 12 (1-based) of 12 as stages 1-4, Swin-T's 2-2-6-2 stage split.
+STAGE_ENDS_OF_12 = (2, 4, 10, 12)
+
+
+def token_stage_blocks(depth: int, stages: Sequence[int]) -> List[int]:
+    """The 0-based blocks whose outputs are the stages of an isotropic token model of `depth` blocks: stage s
+    ends after round(depth * STAGE_ENDS_OF_12[s - 1] / 12) blocks (halves up), i.e. blocks 1, 3, 9, 11 of a
+    12-block DeiT-T or ResMLP-12, as OFA-KD takes them (docs/method.md, Token students)."""
+    ends = [(depth * e + 6) // 12 for e in STAGE_ENDS_OF_12]  # round half up, in integers
+    if ends[0] < 1 or len(set(ends)) < 4:
+        raise ValueError(f"depth: {depth} blocks cannot give 4 distinct stages (at least 5 are needed)")
+    return [ends[s - 1] - 1 for s in stages]
+
+
+class TokenStudentModel(nn.Module):
+    """A timm token-sequence student returning (logits, [stage features for the requested stages]): a
+    feature is the stage's patch grid (B, C_i, H, W) as timm's forward_intermediates gives it, or the pair
+    (grid, prefix tokens (B, P, C_i)) for a model with class / distillation tokens. token_grids holds each
+    stage's grid side (the projector's patch mergings depend on it), class_token whether the model has one."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[int], staged: bool):
+        super().__init__()
+        self.model, self.stages = model, list(stages)
+        info, name = list(model.feature_info), type(model).__name__
+        if staged and len(info) != 4:
+            raise ModelError(f"model.student_kwargs: {name} has {len(info)} stages; a staged token student needs 4")
+        try:  # Swin: its stage s; ViT / mixers: a block output
+            self.indices = [s - 1 for s in self.stages] if staged else token_stage_blocks(len(info), self.stages)
+        except ValueError as e:
+            raise ModelError(f"model.student_kwargs: {name}: {e}") from None
+        embed = model.patch_embed if hasattr(model, "patch_embed") else model.stem
+        if getattr(embed, "img_size", None) is None:
+            raise ModelError(f"model.student_kwargs: {name} has no fixed img_size; its stage grids are unknown")
+        self.img_size = tuple(embed.img_size)
+        side = min(self.img_size)
+        self.stage_channels = [info[i]["num_chs"] for i in self.indices]
+        self.token_grids = [-(-side // info[i]["reduction"]) for i in self.indices]  # ceil: odd grids are padded
+        self.prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        self.class_token = getattr(model, "cls_token", None) is not None
+        self.feature_dim = model.num_features
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, list]:
+        if not self.indices:  # no stage used (the logit methods)
+            return self.model(images), []
+        extra = {"return_prefix_tokens": True} if self.prefix_tokens else {}
+        final, feats = self.model.forward_intermediates(images, indices=self.indices, **extra)
+        return self.model.forward_head(final), feats
+
+
+def check_student_input(student: nn.Module, img_size: int) -> None:
+    """A token student's patch embedding, stage grids and projectors are built for one input size: a
+    data.img_size it was not built for is refused here in one line, not in timm's first forward."""
+    size = getattr(student, "img_size", None)
+    if size is not None and size != (img_size, img_size):
+        raise ModelError(f"model.student_kwargs: {type(student.model).__name__} is built for {size[0]}x{size[1]} "
+                         f"inputs but data.img_size is {img_size}: set model.student_kwargs.img_size to {img_size}")
+
+
 def _build_timm(role: str, name: str, families: set, num_classes: int, checkpoint: Optional[str],
                 pretrained: bool, kwargs: Optional[dict]) -> nn.Module:
     """A timm model of a supported family (role: "teacher" or "student"), weights from `checkpoint` if given."""
@@ -190,7 +254,7 @@ def feature_widths(teacher: str, student: str, num_classes: int, teacher_kwargs:
         except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" (older timm)
             return _build_timm(role, name, families, num_classes, None, False, kwargs)
 
-    d_s = build("student", student, STUDENT_FAMILIES, student_kwargs).num_features
+    d_s = build("student", student, STUDENT_FAMILIES | TOKEN_STUDENT_FAMILIES, student_kwargs).num_features
     return d_s, pre_logits_width(build("teacher", teacher, TEACHER_FAMILIES, teacher_kwargs))
 
 
@@ -201,10 +265,14 @@ def build_teacher(name: str, num_classes: int, checkpoint: Optional[str] = None,
 
 
 def build_student(name: str, num_classes: int, stages: Sequence[int], checkpoint: Optional[str] = None,
-                  pretrained: bool = False, kwargs: Optional[dict] = None) -> StudentModel:
+                  pretrained: bool = False, kwargs: Optional[dict] = None) -> nn.Module:
+    """A CNN StudentModel or a TokenStudentModel (docs/method.md, Token students) of a timm name."""
     family = model_family(name, "model.student")
-    if family in TOKEN_FAMILIES:
-        raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student; "
-                         "HCD projectors for those are not built yet (docs/method.md, 'Later')")
-    model = _build_timm("student", name, STUDENT_FAMILIES, num_classes, checkpoint, pretrained, kwargs)
+    if family in TOKEN_FAMILIES - TOKEN_STUDENT_FAMILIES:
+        raise ModelError(f"model.student: model family {family!r} ({name}) is a token-sequence student without "
+                         f"stage projectors here (token students: {', '.join(sorted(TOKEN_STUDENT_FAMILIES))})")
+    model = _build_timm("student", name, STUDENT_FAMILIES | TOKEN_STUDENT_FAMILIES, num_classes, checkpoint,
+                        pretrained, kwargs)
+    if family in TOKEN_STUDENT_FAMILIES:
+        return TokenStudentModel(model, stages, staged=family in STAGED_TOKEN_FAMILIES)
     return StudentModel(model, stages)

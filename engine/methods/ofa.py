@@ -1,6 +1,6 @@
 """OFA-KD (Hao et al., NeurIPS 2023; docs/method.md, Baselines): per used student stage the projector of HCD
-(engine/distiller.py's Projector) followed by a Linear to C logits, initialised as OFA-KD's init_weights
-(head.init: ofa, the default; torch keeps PyTorch's defaults).
+(engine/projectors.py; a TokenProjector for a token student) followed by a Linear to C logits, initialised as
+OFA-KD's init_weights (head.init: ofa, the default; torch keeps PyTorch's defaults).
 
 total = ce_weight * CE_eps(z_s, y) + kd_weight * OFA(z_s; logits_eps) + ofa.weight * sum_i OFA(logits_i; eps_i),
 OFA(z; eps) = batch mean of -sum_c ((p_t + 1_y)^eps - 1_y)_c log p_s,c at ofa.temperature (the reference code's
@@ -9,8 +9,9 @@ gt, kd and ofa loss weights are ce_weight, kd_weight and ofa.weight here).
 import torch
 import torch.nn as nn
 
-from hcd.engine.distiller import DistillOutput, Projector, init_heads_, projector_width
+from hcd.engine.distiller import DistillOutput, init_heads_
 from hcd.engine.methods.logits import smoothed_ce
+from hcd.engine.projectors import projector_width, stage_projectors
 from hcd.kernels import ofa_loss
 
 
@@ -25,8 +26,10 @@ class OFADistiller(nn.Module):
         self.student, self.loss_cfg, self.backend = student, loss_cfg, backend
         self.stages = list(student.stages)
         d_p = projector_width(student.feature_dim, teacher_dim)
-        self.projectors = nn.ModuleList(Projector(s, c, d_p) for s, c in zip(self.stages, student.stage_channels))
-        self.heads = nn.ModuleList(nn.Linear(d_p, num_classes) for _ in self.stages)
+        # CNN: OFA-KD's projector to D_p; token student: to D_s, where OFA-KD's token projector puts its
+        # classifier (docs/method.md, Token students); each head reads its projector's out_dim
+        self.projectors = stage_projectors(student, d_p, token_out=None)
+        self.heads = nn.ModuleList(nn.Linear(p.out_dim, num_classes) for p in self.projectors)
         init_heads_(init, self.projectors, self.heads)
         o = loss_cfg.ofa
         self.stage_eps = [float(e) for e in o.stage_eps] if o.stage_eps is not None else [o.eps] * len(self.stages)
