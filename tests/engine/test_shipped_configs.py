@@ -66,3 +66,21 @@ def test_recipe_configs_are_ofakd_cnn_yaml(path):
                                           ref["smoothing"])
     assert cfg.data.train_interpolation == "random"
 
+
+
+# OFA-KD's configs/{imagenet,cifar}/vit_mlp.yaml at 12eeba8 (what the token-student configs copy)
+VIT_MLP = {"imagenet": dict(min_lr=1e-6, ema_decay=0.99996), "cifar100": dict(min_lr=1e-5, ema_decay=None)}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name in VIT_MLP and _token_student(p)],
+                         ids=lambda p: p.name)
+def test_token_student_configs_are_ofakd_vit_mlp_yaml(path):
+    cfg, ref = load_config(str(path)), VIT_MLP[path.parent.name]
+    o, s, d, t = cfg.optim, cfg.schedule, cfg.data, cfg.train
+    assert (o.name, o.lr, o.weight_decay, t.epochs, d.batch_size, cfg.loss.label_smoothing, t.grad_clip) == (
+        "adamw", 5e-4, 0.05, 300, 128, 0.1, 5.0)
+    assert (s.name, s.update, s.warmup_epochs, s.warmup_lr, s.min_lr) == ("cosine", "epoch", 20, 5e-7, ref["min_lr"])
+    assert (d.auto_augment, d.reprob, d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob) == (
+        "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 1.0, 0.5)
+    assert "drop_path_rate" not in cfg.model.student_kwargs and d.train_interpolation == "random"
+    assert t.ema_decay == ref["ema_decay"]
