@@ -217,6 +217,11 @@ def _process_group():
     d = process_env()
     if d.world > 1:
         init_process_group(d)
+        if d.owns_group:  # as distributed() does: the group goes at exit
+            import atexit
+
+            import torch.distributed as dist
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return d
 
 

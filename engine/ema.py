@@ -38,8 +38,10 @@ class StudentEma:
 
     def __init__(self, student: torch.nn.Module, decay: float, warmup: bool, device: torch.device):
         from timm.utils import ModelEmaV3
-        self.ema = ModelEmaV3(student, decay=decay, use_warmup=warmup, dtype=torch.float32)
-        self.ema.to(device)
+        # No dtype argument (timm >= 1.0.31 only): the copy is made from the fp32 initial weights; .float()
+        # makes that explicit whatever the caller passes
+        self.ema = ModelEmaV3(student, decay=decay, use_warmup=warmup)
+        self.ema.float().to(device)
         self.ema.requires_grad_(False)
         self.best_top1 = -1.0
 
@@ -47,9 +49,21 @@ class StudentEma:
     def module(self) -> torch.nn.Module:
         return self.ema.module
 
+    @torch.no_grad()
     def update(self, student: torch.nn.Module, step: int) -> None:
-        """After optimizer step `step` (1-based): on device, no host sync."""
-        self.ema.update(student, step=step)
+        """After optimizer step `step` (1-based): on device, no host sync. ModelEmaV3's decay schedule
+        (get_decay) and its update (every floating state-dict entry lerped, the others copied), written here
+        so that 16-bit live weights (*-pure) are read into the fp32 average: timm before 1.0.31 lerps the two
+        lists as they are, which needs equal dtypes."""
+        decay = self.ema.get_decay(step)
+        averaged, live = [], []
+        for e, v in zip(self.module.state_dict().values(), student.state_dict().values()):
+            if e.is_floating_point():
+                averaged.append(e)
+                live.append(v.to(e.dtype))
+            else:
+                e.copy_(v)
+        torch._foreach_lerp_(averaged, live, 1.0 - decay)
 
     def distribute_bn(self, mode: str, world: int) -> None:
         distribute_bn(self.module, mode, world)

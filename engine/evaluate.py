@@ -169,7 +169,7 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     if d.world > 1:
         init_process_group(d)  # the val split is sharded over the ranks: counts are summed
     with autocast(cfg.train.precision, d.device.type):  # as the run evaluated it (fp32 for fp32 and -pure)
-        s1, s5, n = evaluate(model, val_loader, d.device)
+        s1, s5, n = evaluate(lambda x: model(x.float()), val_loader, d.device)  # -pure: 16-bit images
     rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     return 0
 
@@ -197,7 +197,7 @@ def _evaluate_ema(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int:
     if d.world > 1:
         init_process_group(d)  # the val split is sharded over the ranks: counts are summed
     with autocast(cfg.train.precision, d.device.type):  # fp32 weights: the -pure modes evaluate in fp32
-        s1, s5, n = evaluate(model, val_loader, d.device, desc="ema eval")
+        s1, s5, n = evaluate(lambda x: model(x.float()), val_loader, d.device, desc="ema eval")  # -pure: 16-bit images
     rank0_print(d, f"student EMA {m.student} ({ckpt_dir / tag}): val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     if d.rank == 0:
         export_state_dict(cfg, saved["module"], stats, ckpt_dir / tag, val_loader.classes, "student_ema",

@@ -172,6 +172,8 @@ def token_stage_blocks(depth: int, stages: Sequence[int]) -> List[int]:
     """The 0-based blocks whose outputs are the stages of an isotropic token model of `depth` blocks: stage s
     ends after round(depth * STAGE_ENDS_OF_12[s - 1] / 12) blocks (halves up), i.e. blocks 1, 3, 9, 11 of a
     12-block DeiT-T or ResMLP-12, as OFA-KD takes them (docs/method.md, Token students)."""
+    if not stages:  # the logit methods use no stage: any depth will do
+        return []
     ends = [(depth * e + 6) // 12 for e in STAGE_ENDS_OF_12]  # round half up, in integers
     if ends[0] < 1 or len(set(ends)) < 4:
         raise ValueError(f"depth: {depth} blocks cannot give 4 distinct stages (at least 5 are needed)")
@@ -204,6 +206,10 @@ class TokenStudentModel(nn.Module):
         self.prefix_tokens = getattr(model, "num_prefix_tokens", 0)
         self.class_token = getattr(model, "cls_token", None) is not None
         self.feature_dim = model.num_features
+        from hcd.engine.projectors import TOKEN_HEADS
+        if self.stages and self.feature_dim % TOKEN_HEADS:  # the projectors' blocks run at this width
+            raise ModelError(f"model.student_kwargs: {name}'s width {self.feature_dim} is not divisible by the "
+                             f"token projector's {TOKEN_HEADS} attention heads (docs/method.md, Token students)")
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, list]:
         if not self.indices:  # no stage used (the logit methods)

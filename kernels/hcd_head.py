@@ -94,7 +94,8 @@ def _row_launch(z, z_t, z_s, target, dz, dzl, partials, cfg, *, teacher_grad, wr
         float(cfg.ce_weight), float(cfg.sublogit_kl_weight), float(cfg.ol_weight),
         1.0 / (B * n), 1.0 / (B * max(n * (n - 1), 1)), 1.0 / B,
         KL_TARGET_GRAD=not cfg.detach_sublogit_target, TEACHER_GRAD=teacher_grad, WRITE_DZ=write_dz,
-        SOFT=target.is_floating_point(), BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2), num_warps=num_warps or row_num_warps(2 * block_c))
+        SOFT=target.is_floating_point(), BLOCK_C=block_c, BLOCK_N=max(next_pow2(n), 2),
+        num_warps=num_warps or row_num_warps(2 * block_c))
 
 
 class _HCDHead(torch.autograd.Function):

@@ -92,8 +92,7 @@ def dali_ops(params: RandAugmentParams) -> list:
     """The DALI augmentations mirroring timm's op list for `params` (see the module docstring), each once,
     followed by as many identities (timm's per-op probability 0.5)."""
     from nvidia.dali.auto_aug import augmentations as a
-    from nvidia.dali.auto_aug.core._utils import get_translations
-    translate = get_translations(True, 100, TRANSLATE_REL, None, TRANSLATE_REL)  # relative to the image side
+    translate = [op.augmentation((0, TRANSLATE_REL), True) for op in (a.translate_x, a.translate_y)]  # x image side
     shear_rotate = [a.shear_x.augmentation((0, 0.3), True), a.shear_y.augmentation((0, 0.3), True),
                     a.rotate.augmentation((0, 30), True)]
     if params.inc:

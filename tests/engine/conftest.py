@@ -50,6 +50,23 @@ def _torchrun(nproc: int, args, timeout=240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _photo_folder(root, classes: int = 4, train: int = 8, val: int = 2) -> Path:
+    """root/{train,val}/c<k>/<i>.jpg: small (36-48 px) noisy JPEGs whose mean colour depends on the class."""
+    import numpy as np
+    from PIL import Image
+    root, rng = Path(root), np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = rng.integers(36, 49, size=2)
+                base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
+                pixels = np.clip(base + rng.integers(-40, 41, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
 def _train_rows(run) -> list:
     import json
     return [r for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -69,6 +86,11 @@ def write_config():
 @pytest.fixture(scope="session")
 def torchrun():
     return _torchrun
+
+
+@pytest.fixture(scope="session")
+def photo_folder():
+    return _photo_folder
 
 
 @pytest.fixture(scope="session")

@@ -219,3 +219,22 @@ def test_every_rank_keeps_the_same_ema_under_zero2(tmp_path, write_config):
             assert torch.equal(v, b[k]), (step, k)
     saved = read_ema(run / "checkpoints", "step-00000003")["module"]
     assert all(torch.equal(v, saved[k]) for k, v in a.items())
+
+
+def test_a_16_bit_runs_ema_and_export_evaluate_from_their_16_bit_images(tmp_path, write_config, photo_folder,
+                                                                      capsys):
+    """bf16-pure: the torch loader gives bf16 images; `hcd eval --ema` and the eval of the exported student (fp32
+    weights) read them as fp32, as the trainer's EMA evaluation does, and score what it logged."""
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    sets = ["--set", "model.student=test_resnet", "--set", "train.precision=bf16-pure",
+            "--set", "deepspeed.zero_stage=1", "--set", f"train.ema_decay={DECAY}", "--set", "data.loader=torch",
+            "--set", "data.num_workers=0", "--set", f"data.root={photo_folder(tmp_path / 'data')}",
+            "--set", "model.num_classes=4"]
+    assert main(["train", "--config", cfg, "--out", str(run), *sets, "--set", "train.max_steps=2"]) == 0
+    last = _rows(run, "eval")[-1]
+    capsys.readouterr()
+    assert main(["eval", "--config", cfg, *sets, "--ema", "--checkpoint", str(run / "checkpoints")]) == 0
+    assert f"val top-1 {last['val_top1_ema']:.2f}%  top-5 {last['val_top5_ema']:.2f}%" in capsys.readouterr().out
+    for export in ("student_ema", "student"):
+        assert main(["eval", "--config", cfg, *sets, "--checkpoint", str(run / export)]) == 0

@@ -157,3 +157,19 @@ def test_ofa_total_eps_per_stage_and_init():
     conv = next(c for c in m.projectors.modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1))
     fan_out = conv.out_channels
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.15)
+
+
+@pytest.mark.parametrize("method", ("hcd", *BASELINES))
+def test_with_mixup_every_method_smooths_once_through_the_mixed_target(method, tiny_config):
+    """Mixup/CutMix's target carries loss.label_smoothing (timm's Mixup gets it), so every train loss is built
+    with eps 0; erasing alone leaves eps in the losses (docs/method.md, Soft targets)."""
+    from hcd.engine.config import load_config
+    from hcd.engine.distiller import build_distiller
+
+    def eps(*sets):
+        cfg = load_config(tiny_config, (f"method={method}", "loss.label_smoothing=0.1", *sets))
+        loss_cfg = build_distiller(cfg, torch.device("cpu"))[1].loss_cfg
+        return loss_cfg.label_smoothing, (loss_cfg.hcd() if hasattr(loss_cfg, "hcd") else loss_cfg).label_smoothing
+
+    assert eps("data.mixup=0.8") == eps("data.cutmix=1.0") == (0.0, 0.0)
+    assert eps("data.reprob=0.25") == eps() == (0.1, 0.1)

@@ -67,7 +67,6 @@ def test_recipe_configs_are_ofakd_cnn_yaml(path):
     assert cfg.data.train_interpolation == "random"
 
 
-
 # OFA-KD's configs/{imagenet,cifar}/vit_mlp.yaml at 12eeba8 (what the token-student configs copy)
 VIT_MLP = {"imagenet": dict(min_lr=1e-6, ema_decay=0.99996), "cifar100": dict(min_lr=1e-5, ema_decay=None)}
 

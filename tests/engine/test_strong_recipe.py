@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -43,31 +42,16 @@ deepspeed: {{zero_stage: 2}}
 """
 
 
-def _photos(root: Path) -> Path:
-    """root/{train,val}/c<k>/<i>.jpg: small noisy images whose mean colour depends on the class."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for c in range(CLASSES):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                h, w = rng.integers(36, 49, size=2)
-                base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
-                pixels = np.clip(base + rng.integers(-40, 41, size=(h, w, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture(scope="module")
-def strong_config(tmp_path_factory):
+def strong_config(tmp_path_factory, photo_folder):
     import timm
     tmp = tmp_path_factory.mktemp("strong")
     torch.manual_seed(0)
     teacher = tmp / "teacher.pt"  # a fixed CNN teacher (untrained: the test is about the pipeline, not accuracy)
     torch.save(timm.create_model("resnet18", num_classes=CLASSES).state_dict(), teacher)
     path = tmp / "strong.yaml"
-    path.write_text(STRONG_YAML.format(teacher=teacher, root=_photos(tmp / "data")))
+    root = photo_folder(tmp / "data", CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
+    path.write_text(STRONG_YAML.format(teacher=teacher, root=root))
     return str(path)
 
 

@@ -39,6 +39,17 @@ def test_stage_blocks_follow_ofakd_and_swin_t_split():
     assert token_stage_blocks(12, [2, 4]) == [3, 11]               # the same blocks whatever else is chosen
     with pytest.raises(ValueError, match="^depth: 4 blocks cannot give 4 distinct stages"):
         token_stage_blocks(4, [4])
+    assert token_stage_blocks(4, []) == []  # the logit methods use no stage: any depth
+
+
+def test_a_shallow_vit_is_a_student_of_the_logit_methods_and_odd_widths_are_refused_for_projectors():
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2)
+    student = build_student("deit_tiny_patch16_224", 5, [], kwargs=kw)  # ce / kd / dkd / dist
+    logits, feats = student(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 5) and feats == []
+    with pytest.raises(ModelError, match="^model.student_kwargs: .*width 50 is not divisible by the token "
+                                         "projector's 4 attention heads"):
+        build_student("deit_tiny_patch16_224", 5, [4], kwargs=dict(kw, embed_dim=50, depth=6))
 
 
 def test_projector_geometry_follows_ofakd():
