@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from hcd.engine import checkpoint
+from hcd.engine.batchnorm import distribute_bn
 from hcd.engine.config import Config, ConfigError
 from hcd.engine.distributed import (Dist, autocast_precision, build_engine, compute_dtype, distributed,
                                     init_process_group, rank0_print)
@@ -59,7 +60,6 @@ def student_forward(engine):
 def evaluate_student(run, epoch) -> bool:
     """Val accuracy of a run's student (run: hcd.engine.trainer.Run), and of its EMA when the run keeps one,
     logged in one eval row; returns whether the student is the best so far."""
-    from hcd.engine.batchnorm import distribute_bn
     s = run.state
     distribute_bn(run.engine.module, run.cfg.train.dist_bn, run.d.world)  # every rank evaluates the same model
     run.engine.eval()

@@ -17,7 +17,7 @@ from hcd.engine.distributed import LAUNCHER_ENV_KEYS, free_port
 # after it, so the test can compare the saved file with the ranks' values.
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from hcd.engine import trainer
+    from hcd.engine import evaluate, trainer
     from hcd.engine.batchnorm import bn_buffers
     from hcd.engine.config import load_config
     cfg_path, out, mode, dump = sys.argv[1:5]
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
         before = [b.clone() for b in bn_buffers(module)]
         real(module, m, world)
         calls.append((before, [b.clone() for b in bn_buffers(module)]))
-    trainer.distribute_bn = recorded
+    trainer.distribute_bn = evaluate.distribute_bn = recorded  # the save's call and the evaluation's
     cfg = load_config(cfg_path, (f"train.dist_bn={mode}", "train.max_steps=2", "train.export=false",
                                  "deepspeed.zero_stage=2"))
     code = trainer.train(cfg, out)

@@ -37,7 +37,8 @@ def test_whole_loss_row_reads_the_targets(monkeypatch):
     row = kernel_row("loss", shape, "fp32", "full", torch.device("cpu"), ieee, tf32)
     flops, moved = loss_cost(shape, 4, 4, "full")
     floor = max(flops / 67e12, moved / 4800e9) * 1e3
-    assert row["stages"] == 4 and row["configs"] == ["imagenet/swin_tiny-resnet18.yaml"]
+    assert row["stages"] == 4 and row["configs"] == ["imagenet/convnext_tiny-deit_tiny.yaml",
+                                                      "imagenet/swin_tiny-resnet18.yaml"]  # both (1000, 768, 768)
     assert abs(row["floor_ms"] - floor) < 1e-12 and abs(row["fused_over_floor"] - 0.1 / floor) < 1e-9
     assert abs(row["compile_over_fused"] - 4.0) < 1e-12 and abs(row["compile_tf32_over_fused"] - 2.5) < 1e-12
     # without a device time (CPU, or a failed capture) no ratio is claimed

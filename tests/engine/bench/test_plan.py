@@ -7,9 +7,9 @@ from hcd.engine.bench.plan import kernel_plan
 def test_gpu_plan_parts_and_order():
     cuda = torch.device("cuda")  # the plan only: nothing runs
     full = kernel_plan(cuda, quick=False)
-    # (B, C) per dataset x the shipped configs' distinct (Dp, Dt): CIFAR-100 3, ImageNet 2; n in {2, 4, 8}
+    # (B, C) per dataset x the shipped configs' distinct (Dp, Dt): CIFAR-100 4, ImageNet 2; n in {2, 4, 8}
     shapes = {r[1] for r in full if r[0] == "head"}
-    assert len(shapes) == 5 * 3
+    assert len(shapes) == 6 * 3
     # shapes x dtypes x (modes of the head + the whole loss, full) + student shapes x dtypes
     assert len(full) == len(shapes) * 3 * (3 + 1) + 2 * 3
     assert {r[1] for r in full if r[0] == "loss"} == shapes and {r[3] for r in full if r[0] == "loss"} == {"full"}
@@ -21,7 +21,7 @@ def test_gpu_plan_parts_and_order():
     assert {(r[1].C, r[1].Dp, r[1].Dt) for r in quick if r[0] == "head"} == {(100, 768, 768), (1000, 768, 768)}
     part = kernel_plan(cuda, quick=False, dtypes=["fp16"], ns=[2, 8])
     assert {r[2] for r in part} == {"fp16"} and {r[1].n for r in part if r[0] == "head"} == {2, 8}
-    assert len(part) == 5 * 2 * (3 + 1) + 2 and part[0][1].C == 1000
+    assert len(part) == 6 * 2 * (3 + 1) + 2 and part[0][1].C == 1000
 
 
 def test_cpu_plan_has_the_whole_loss(monkeypatch):
