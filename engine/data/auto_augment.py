@@ -74,7 +74,7 @@ def parse_rand_augment(text: str) -> RandAugmentParams:
 def timm_train_transform(spec):
     """timm's primary (crop + flip) and secondary (auto-augment) PIL stages for `spec` (base.ImageSpec), as one
     callable PIL -> PIL; ConfigError naming data.auto_augment for a policy timm does not know."""
-    from timm.data import create_transform
+    from timm.data import auto_augment, create_transform
     from torchvision.transforms import Compose
     try:
         primary, secondary, _ = create_transform(spec.img_size, is_training=True, auto_augment=spec.auto_augment,
@@ -83,7 +83,32 @@ def timm_train_transform(spec):
     except (AssertionError, ValueError, KeyError) as e:
         raise ConfigError(f"data.auto_augment: {spec.auto_augment!r} is not a timm auto-augment policy "
                           f"({e or type(e).__name__})") from None
+    for op in _augment_ops(secondary.transforms):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
     return Compose([*primary.transforms, *secondary.transforms])
+
+
+def _augment_ops(transforms) -> list:
+    """timm's AugmentOps inside auto-augment transforms: RandAugment's and AugMix's ops, AutoAugment's sub-policies."""
+    found = []
+    for t in transforms:
+        found += list(getattr(t, "ops", []))
+        found += [op for sub in getattr(t, "policy", []) for op in sub]
+    return found
+
+
+def posterize(img, bits_to_keep, **_):
+    """timm's posterize for every bit count it asks for, 0 to 8. Its PosterizeIncreasing keeps 4 - int(level * 0.4)
+    bits, 0 at level 10, which m9 plus its magnitude noise (mstd 0.5) reaches; Pillow >= 12 refuses 0 bits
+    (ValueError) where older Pillow gave what the mask keeps, black. Here 0 bits is black, as with the Pillow timm's
+    RandAugment was written for; 1 to 7 bits are Pillow's own posterize."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 # -------------------------------------------------------------------------------------------------- DALI

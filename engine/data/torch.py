@@ -39,18 +39,20 @@ class _Images(Dataset):
         try:
             with Image.open(self.paths[i]) as im:
                 img = im.convert("RGB")  # full decode: truncated files fail here
-            if self.timm_transform is not None:
-                # a worker's globals are its own; the main process's (num_workers 0) are put back
-                with seeded_globals(self.seed, epoch, i, SAMPLE_KEY, restore=get_worker_info() is None):
-                    x = F.pil_to_tensor(self.timm_transform(img))
-            elif self.train:
-                x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]),
-                                    self.spec.train_interpolation)
-            else:
-                x = val_transform(img, self.spec.img_size, self.spec.val_resize)
-            return x, i, None
         except Exception as e:  # any decode/read failure is a bad file; the main process decides
             return None, i, short_reason(e)
+        # Transforms run outside the try: an error there is a bug or an incompatibility, not a bad file, and
+        # must not be reported as one (with on_corrupt: skip it would silently drop the image)
+        if self.timm_transform is not None:
+            # a worker's globals are its own; the main process's (num_workers 0) are put back
+            with seeded_globals(self.seed, epoch, i, SAMPLE_KEY, restore=get_worker_info() is None):
+                x = F.pil_to_tensor(self.timm_transform(img))
+        elif self.train:
+            x = train_transform(img, self.spec.img_size, np.random.default_rng([self.seed, epoch, i]),
+                                self.spec.train_interpolation)
+        else:
+            x = val_transform(img, self.spec.img_size, self.spec.val_resize)
+        return x, i, None
 
 
 def _collate(items):
