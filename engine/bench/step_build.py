@@ -8,6 +8,9 @@ synthetic batch already on the device (no loader in the timing).
   up at call time), so what it times cannot drift from what `hcd train` runs.
 - kd: the same machinery (config, prepared models, DeepSpeed engine, _micro_step) with `method: kd` (the
   student alone, CE + KD through hcd.kernels.student_loss): what HCD costs over KD as users run KD.
+- vit recipe: the engine step of the other direction and DeiT's recipe (VIT_RECIPE_CONFIG: ConvNeXt-T ->
+  DeiT-T): each step first runs the train loader's batch augmentation (random erasing, Mixup / CutMix:
+  BatchAugment.apply) on a copy of the batch, then _micro_step with its soft targets, the EMA update included.
 - reference: the loop a user would otherwise write (OFA-KD style): the same models and batch, the eager
   reference losses, torch.autocast bf16 on CUDA, NCHW, no compile, plain (not fused) torch.optim.SGD,
   loss.backward(), no DeepSpeed; cuDNN autotuning on, as timm's train.py (OFA-KD's base) sets it.
@@ -35,12 +38,17 @@ CPU_OVERRIDES = ("model.teacher=vit_tiny_patch16_224",
                  "train.precision=fp32", "train.compile=none")
 
 
-def step_overrides(device: torch.device) -> Tuple[str, ...]:
-    return COMMON_OVERRIDES + (CUDA_OVERRIDES if device.type == "cuda" else CPU_OVERRIDES)
+VIT_RECIPE_CONFIG = "imagenet/convnext_tiny-deit_tiny.yaml"  # ConvNeXt-T -> DeiT-T: erasing, Mixup/CutMix, EMA
+VIT_CPU_OVERRIDES = ("model.student_kwargs={img_size: 32, patch_size: 4, embed_dim: 48, depth: 6, num_heads: 2}",)
 
 
-def step_config(device: torch.device) -> Config:
-    return load_config(str(CONFIG_ROOT / STEP_CONFIG), step_overrides(device))
+def step_overrides(device: torch.device, config: str = STEP_CONFIG) -> Tuple[str, ...]:
+    cpu = CPU_OVERRIDES + (VIT_CPU_OVERRIDES if config == VIT_RECIPE_CONFIG else ())
+    return COMMON_OVERRIDES + (CUDA_OVERRIDES if device.type == "cuda" else cpu)
+
+
+def step_config(device: torch.device, config: str = STEP_CONFIG) -> Config:
+    return load_config(str(CONFIG_ROOT / config), step_overrides(device, config))
 
 
 def synthetic_batch(cfg: Config, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +73,7 @@ def engine_run(cfg: Config, kind: str = "hcd", teacher_fn: Optional[Callable] = 
     the loader, saver and log stay None: the step never touches them. `teacher_fn`: reuse a prepared
     (compiled) teacher of the same config instead of compiling another one."""
     from hcd.engine.distributed import build_engine, process_env
+    from hcd.engine.ema import build_ema
     from hcd.engine.health import StepHealth
     from hcd.engine.metrics import MetricWindow
     from hcd.engine.schedule import make_lr_lambda
@@ -72,11 +81,12 @@ def engine_run(cfg: Config, kind: str = "hcd", teacher_fn: Optional[Callable] = 
     d = process_env()
     teacher, distiller = _models(dataclasses.replace(cfg, method=kind), d.device)
     prepared = prepare_models(cfg, teacher, distiller, d.device)  # compiles lazily: unused when reused
+    ema = build_ema(cfg, distiller.student.model, d.device)  # train.ema_decay's, as the trainer builds it
     engine = build_engine(cfg, distiller, d, make_lr_lambda(cfg.schedule, cfg.optim.lr, 100, 10 ** 4))
     engine.train()
     return trainer.Run(cfg, d, Path("."), engine, teacher_fn or prepared, None, None, None, None,
                        MetricWindow(cfg.data.batch_size), 10 ** 6, trainer.TrainState(),
-                       health=StepHealth(d.device), channels_last=resolved(cfg, d.device)[0])
+                       health=StepHealth(d.device), channels_last=resolved(cfg, d.device)[0], ema=ema)
 
 
 def micro_step_fn(run: "trainer.Run", images, labels) -> Callable[[], None]:
@@ -84,6 +94,22 @@ def micro_step_fn(run: "trainer.Run", images, labels) -> Callable[[], None]:
     run.micro reset as the trainer's _optimizer_step_done resets it (logging and stop checks left out)."""
     def step():
         trainer._micro_step(run, images, labels)
+        run.micro = 0
+    return step
+
+
+def augmented_step_fn(run: "trainer.Run", images, labels) -> Callable[[], None]:
+    """micro_step_fn behind the train loader's batch augmentation (the run config's data.reprob, mixup,
+    cutmix: BatchAugment.apply, unseeded here) on a copy of the batch, as the loader wrapper hands it over."""
+    from hcd.engine.data.batch_aug import BatchAugment
+    c, d = run.cfg, run.cfg.data
+    aug = BatchAugment(None, num_classes=c.model.num_classes, seed=c.seed, rank=0, reprob=d.reprob, mixup=d.mixup,
+                       cutmix=d.cutmix, mixup_prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                       label_smoothing=c.loss.label_smoothing, device=images.device)
+
+    def step():
+        x, target = aug.apply(images.clone(), labels)
+        trainer._micro_step(run, x, target)
         run.micro = 0
     return step
 

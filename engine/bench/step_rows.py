@@ -19,10 +19,11 @@ from typing import Callable, List, Optional
 import torch
 
 from hcd.engine.bench.breakdown import step_breakdown
-from hcd.engine.bench.step_build import (STEP_CONFIG, engine_run, micro_step_fn, reference_step, release,
-                                         step_config, step_overrides, synthetic_batch)
+from hcd.engine.bench.step_build import (STEP_CONFIG, VIT_RECIPE_CONFIG, augmented_step_fn, engine_run,
+                                         micro_step_fn, reference_step, release, step_config, step_overrides,
+                                         synthetic_batch)
 
-KINDS = ("reference loop", "hcd engine", "kd engine")
+KINDS = ("reference loop", "hcd engine", "kd engine", "vit recipe")
 
 
 def deepspeed_missing() -> Optional[str]:
@@ -55,12 +56,12 @@ def step_ms(step: Callable[[], None], device: torch.device, quick: bool = False)
     return statistics.median(samples)
 
 
-def setup_dict(cfg, device: torch.device) -> dict:
+def setup_dict(cfg, device: torch.device, config: str = STEP_CONFIG) -> dict:
     """What the step rows ran: the config, its overrides and the settings that decide the speed."""
     from hcd.engine.speed import resolved
     channels_last, compiled = resolved(cfg, device)
     backend = cfg.head.backend
-    return {"config": STEP_CONFIG, "overrides": list(step_overrides(device)), "teacher": cfg.model.teacher,
+    return {"config": config, "overrides": list(step_overrides(device, config)), "teacher": cfg.model.teacher,
             "student": cfg.model.student, "img_size": cfg.data.img_size, "batch": cfg.data.batch_size,
             "num_classes": cfg.model.num_classes, "precision": cfg.train.precision,
             "zero_stage": cfg.deepspeed.zero_stage, "channels_last": channels_last, "compile": compiled,
@@ -100,7 +101,7 @@ def _cpu_threads(device: torch.device):
 
 def step_rows(device: torch.device, quick: bool = False, on_row: Optional[Callable[[List[dict]], None]] = None,
               breakdown_steps: int = 3) -> List[dict]:
-    """The three step rows, in KINDS order; on_row(rows so far) after each (a partial results file)."""
+    """The step rows, in KINDS order; on_row(rows so far) after each (a partial results file)."""
     with _cpu_threads(device):
         return _measure(device, quick, on_row, breakdown_steps)
 
@@ -127,6 +128,12 @@ def _measure(device, quick, on_row, breakdown_steps) -> List[dict]:
     ms = step_ms(micro_step_fn(kd, images, labels), device, quick)
     release(kd)
     add(_row("kd engine", ms, setup))
+    # the other direction under DeiT's recipe (step_build.py): its own config, models and batch
+    vit = step_config(device, VIT_RECIPE_CONFIG)
+    run = engine_run(vit, "hcd")
+    ms = step_ms(augmented_step_fn(run, *synthetic_batch(vit, device)), device, quick)
+    release(run)
+    add(_row("vit recipe", ms, setup_dict(vit, device, VIT_RECIPE_CONFIG)))
     return rows
 
 

@@ -23,7 +23,7 @@ def test_bench_quick_writes_the_schema(tmp_path, capsys):
         if row["fused_ms"] is not None:  # on CPU only ever the interpreter: no speed claimed from it
             assert row["interpreter"] and row["fused_tflops"] is None and row["fused_gbps"] is None
     assert any(r["interpreter"] for r in res["kernel"])  # tests run with TRITON_INTERPRET=1
-    assert [r["kind"] for r in res["step"]] == ["reference loop", "hcd engine", "kd engine"]
+    assert [r["kind"] for r in res["step"]] == ["reference loop", "hcd engine", "kd engine", "vit recipe"]
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in res["step"])
     assert {(r["loader"], r["split"]) for r in res["loader"]} >= {("torch", "train"), ("torch", "val")}
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in res["loader"])

@@ -23,6 +23,7 @@ def measured():
 
     def counting(run, images, labels):
         calls[type(run.engine.module.distiller).__name__] += 1
+        calls["soft targets with an EMA"] += labels.dim() == 2 and run.ema is not None
         return real(run, images, labels)
     patch = pytest.MonkeyPatch()
     patch.setattr(trainer, "_micro_step", counting)
@@ -50,8 +51,18 @@ def test_engine_and_kd_rows_drive_the_trainers_micro_step(measured):
     """Both DeepSpeed rows went through trainer._micro_step (looked up at call time); the reference loop
     did not (it is the loop a user writes without the engine)."""
     _, calls = measured
-    assert set(calls) == {"HCDDistiller", "LogitDistiller"}
+    assert set(calls) == {"HCDDistiller", "LogitDistiller", "soft targets with an EMA"}
     assert calls["HCDDistiller"] >= 3 and calls["LogitDistiller"] >= 2  # timed steps, and the marked ones
+    # the vit recipe row: every step's targets mixed into (B, C) rows, and the run keeps the config's EMA
+    assert calls["soft targets with an EMA"] >= 4
+
+
+def test_the_vit_recipe_row_is_a_deit_student_of_its_own_config(measured):
+    rows, _ = measured
+    vit = rows[3]["setup"]
+    assert (vit["config"], vit["student"], vit["img_size"]) == ("imagenet/convnext_tiny-deit_tiny.yaml",
+                                                                  "deit_tiny_patch16_224", 32)
+    assert rows[3]["vs_reference"] is None and rows[3]["breakdown"] is None
 
 
 def test_breakdown_has_its_ranges(measured):
