@@ -2,10 +2,11 @@
 # One prepared call on a GPU machine (H100/H200) that fits in 8 minutes: a wheel install, then five phases,
 # each with a time limit of min(its cap, what is left of HCD_CHECK_SECONDS = 465 s from the start):
 #   verify   75 s  hcd verify --quick: the fused kernels against the float64 reference (fp32/fp16/bf16)
-#   steps   200 s  hcd bench --quick --only step: the real trainer step (trainer._micro_step on the DeepSpeed
+#   steps   150 s  hcd bench --quick --only step: the real trainer step (trainer._micro_step on the DeepSpeed
 #                  engine of configs/imagenet/swin_tiny-resnet18.yaml: Swin-T -> ResNet18, 224 px, B=128, bf16,
-#                  ZeRO-1) against the reference loop a user would write and a KD step, with a breakdown; then
-#                  the ViT-recipe step (convnext_tiny-deit_tiny.yaml: erasing + Mixup/CutMix soft targets + EMA)
+#                  ZeRO-1) against the reference loop a user would write and a KD step, with a breakdown; last
+#                  the ViT-recipe step (convnext_tiny-deit_tiny.yaml: erasing + Mixup/CutMix soft targets + EMA),
+#                  the row the cap cuts first (the JSON is written after every row)
 #   train   15 + 170 s  `hcd train` smoke: the same config on a generated folder of noise JPEGs (10 classes x
 #                  64, 256 px), random teacher (no checkpoint: a smoke run needs none), torch loader, 60 steps
 #                  of B=32, one worker per core: images/s and a falling loss from metrics.jsonl
@@ -69,7 +70,7 @@ phase() {
 keep_json() { local f; for f in "$1"/*.json; do [ -f "$f" ] && cp "$f" "$dest/$2" && return 0; done; return 1; }
 
 phase verify 75 $PY -m hcd.engine.cli verify --quick --json "$dest/verify.json"
-phase steps 200 $PY -m hcd.engine.cli bench --quick --only step --out "$work/steps"
+phase steps 150 $PY -m hcd.engine.cli bench --quick --only step --out "$work/steps"
 keep_json "$work/steps" steps.json
 phase train_data 15 $PY bench/train_smoke.py data "$work/jpegs"
 phase train 170 $PY -m hcd.engine.cli train --config configs/imagenet/swin_tiny-resnet18.yaml --out "$work/run" \

@@ -138,10 +138,16 @@ def format_step_table(rows: List[dict]) -> str:
     title = (f"step: {setup['config']} {setup.get('precision', '')} ZeRO-{setup.get('zero_stage', '?')}, synthetic "
              f"batch on the device, loss backend {setup.get('loss_backend', '?')}" if "config" in setup else
              "step rows of an earlier hcd bench (its own loop, no DeepSpeed; HCD/KD from its vs_kd)")
-    lines = [title, f"{'step':34} {'ms/step':>9} {'images/s':>9} {'vs ref':>6} {'HCD/KD':>6}"]
+    lines = [title, f"{'step':52} {'ms/step':>9} {'images/s':>9} {'vs ref':>6} {'HCD/KD':>6}"]
     for r in rows:
-        lines.append(f"{r['name']:34} {r['ms']:>9.2f} {_fmt(r.get('images_per_s'), '.1f'):>9} "
+        lines.append(f"{r['name']:52} {r['ms']:>9.2f} {_fmt(r.get('images_per_s'), '.1f'):>9} "
                      f"{_fmt(r.get('vs_reference'), '.2f'):>6} {_fmt(r.get('hcd_vs_kd', r.get('vs_kd')), '.2f'):>6}")
+    for r in rows:  # a row of another config than the title's (the vit recipe row)
+        other = (r.get("setup") or {}).get("config")
+        if "config" in setup and other and other != setup["config"]:
+            s = r["setup"]
+            lines.append(f"{r['kind']}: {other} {s.get('precision', '')} ZeRO-{s.get('zero_stage', '?')}, with its "
+                         "batch augmentation and EMA")
     lines.append("vs ref: images/s over the reference loop's (eager losses, autocast bf16 on CUDA, NCHW, no compile, "
                  "plain SGD, no DeepSpeed); HCD/KD: ms over the KD step's (same machinery, no heads)")
     for r in rows:

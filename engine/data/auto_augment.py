@@ -5,7 +5,9 @@ primary stage (RandomResizedCropAndInterpolation with data.train_interpolation +
 stage (the auto-augment), on PIL images, returning uint8 as the plain transform does (normalisation and random
 erasing happen on the device: base.normalize_uint8, batch_aug). Any timm policy string works there ('rand-...',
 'augmix-...', 'original', 'v0', ...). timm draws from python/numpy/torch global RNGs; the loader runs it inside
-rng.seeded_globals(seed, epoch, sample, ...), so a sample's augmentation does not depend on the workers.
+rng.seeded_globals(seed, epoch, sample, ...), so a sample's augmentation does not depend on the workers. timm's
+posterize is swapped for `posterize` below in every op of the policy: Pillow 13 refuses the 0 bits timm asks for at
+the top levels (PosterizeIncreasing at magnitude 10, 'v0''s Posterize at level 2), which timm meant as black.
 
 DALI loader: only timm's RandAugment strings, 'rand' with the keys m (magnitude, 0-10, default 10), n (ops per
 image, default 2), inc (0/1, default 0) and mstd, are expressed with DALI's auto_aug.rand_augment.apply_rand_augment
@@ -100,7 +102,7 @@ def _augment_ops(transforms) -> list:
 
 def posterize(img, bits_to_keep, **_):
     """timm's posterize for every bit count it asks for, 0 to 8. Its PosterizeIncreasing keeps 4 - int(level * 0.4)
-    bits, 0 at level 10, which m9 plus its magnitude noise (mstd 0.5) reaches; Pillow >= 12 refuses 0 bits
+    bits, 0 at level 10, which m9 plus its magnitude noise (mstd 0.5) reaches; Pillow 13 refuses 0 bits
     (ValueError) where older Pillow gave what the mask keeps, black. Here 0 bits is black, as with the Pillow timm's
     RandAugment was written for; 1 to 7 bits are Pillow's own posterize."""
     from PIL import ImageOps

@@ -1,9 +1,10 @@
 """The fallback loader for machines without DALI: PIL decode + torchvision transforms in DataLoader
 workers, batches chosen by hcd.engine.data.sampler (not the DALI loader's order: DALI's reader shuffles).
 
-Workers return uint8 images plus the corrupt files they met (never raise: an exception raised in a
-worker reaches the trainer as a multi-line wrapped traceback, not a DataError naming the file); the main
-process applies the on_corrupt policy, then moves the batch to the device and normalises it there.
+Workers return uint8 images plus the corrupt files they met (a file that fails to read or decode never
+raises in a worker: that would reach the trainer as a multi-line wrapped traceback, not a DataError naming the
+file); the main process applies the on_corrupt policy, then moves the batch to the device and normalises it
+there. An error in a transform is a bug, not a bad file: it is raised.
 """
 import gc
 

@@ -1,7 +1,6 @@
 """train.dist_bn and train.sync_bn (engine/batchnorm.py): with 2 ranks under torchrun the BatchNorm statistics a
 checkpoint holds are the mean of the ranks' (reduce), rank 0's (broadcast) or rank 0's own (none); sync_bn is
 refused off CUDA in one line before anything is written."""
-import json
 import os
 import subprocess
 import sys

@@ -24,7 +24,7 @@ def test_scripts_are_valid_bash():
 def test_gpu_check_runs_each_phase_under_a_limit():
     text = GPU_CHECK.read_text()
     for phase in ("phase verify 75 $PY -m hcd.engine.cli verify --quick",
-                  "phase steps 200 $PY -m hcd.engine.cli bench --quick --only step",
+                  "phase steps 150 $PY -m hcd.engine.cli bench --quick --only step",
                   "phase graph 60 $PY bench/graph_check.py --engine --json",
                   "phase train 170 $PY -m hcd.engine.cli train --config configs/imagenet/swin_tiny-resnet18.yaml",
                   "phase kernels 200 $PY -m hcd.engine.cli bench --quick --only kernel,profile"):

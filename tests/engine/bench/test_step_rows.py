@@ -1,6 +1,7 @@
 """`hcd bench`'s step rows on CPU at the tiny shape: they run end to end, the engine row is the trainer's own
-micro-step on the DeepSpeed engine, the KD step has no heads, and the engine step's breakdown has its ranges.
-No timing is asserted (timing belongs in benchmarks); only that the numbers exist and are positive."""
+micro-step on the DeepSpeed engine, the KD step has no heads, the ViT-recipe row mixes its targets and keeps
+an EMA, and the engine step's breakdown has its ranges. No timing is asserted (timing belongs in benchmarks);
+only that the numbers exist and are positive."""
 import math
 from collections import Counter
 
@@ -9,7 +10,7 @@ import torch
 
 from hcd.engine import trainer
 from hcd.engine.bench.breakdown import RANGES
-from hcd.engine.bench.step_build import STEP_CONFIG, engine_run, release, step_config
+from hcd.engine.bench.step_build import STEP_CONFIG, VIT_CPU_OVERRIDES, engine_run, release, step_config
 from hcd.engine.bench.step_rows import KINDS, step_rows
 
 CPU = torch.device("cpu")
@@ -48,7 +49,7 @@ def test_step_rows_run_end_to_end_with_their_keys(measured):
 
 
 def test_engine_and_kd_rows_drive_the_trainers_micro_step(measured):
-    """Both DeepSpeed rows went through trainer._micro_step (looked up at call time); the reference loop
+    """The three DeepSpeed rows went through trainer._micro_step (looked up at call time); the reference loop
     did not (it is the loop a user writes without the engine)."""
     _, calls = measured
     assert set(calls) == {"HCDDistiller", "LogitDistiller", "soft targets with an EMA"}
@@ -62,7 +63,8 @@ def test_the_vit_recipe_row_is_a_deit_student_of_its_own_config(measured):
     vit = rows[3]["setup"]
     assert (vit["config"], vit["student"], vit["img_size"]) == ("imagenet/convnext_tiny-deit_tiny.yaml",
                                                                   "deit_tiny_patch16_224", 32)
-    assert rows[3]["vs_reference"] is None and rows[3]["breakdown"] is None
+    assert VIT_CPU_OVERRIDES[0] in vit["overrides"]  # the tiny DeiT student on CPU
+    assert (vit["batch"], vit["precision"], vit["compile"]) == (16, "fp32", "none")
 
 
 def test_breakdown_has_its_ranges(measured):
