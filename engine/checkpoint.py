@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hcd.engine.distributed import barrier
+
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
@@ -70,11 +72,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 EMA_FILE = "ema.pt"
@@ -127,14 +124,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
         if rank == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save({**rng_state(), "rank_state": rank_state or {}}, ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
         if rank == 0 and layout is not None:
             (ckpt_dir / tmp_tag / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
         if rank == 0 and ema is not None:
             torch.save(ema, ckpt_dir / tmp_tag / EMA_FILE)
-        _barrier()  # every rank's files are on disk before the folder becomes visible
+        barrier()  # every rank's files are on disk before the folder becomes visible
         if rank == 0:
             if final.exists():  # stale, from a crashed run: move it aside first, so a crash here loses nothing
                 stale = ckpt_dir / f".tmp-stale-{tag}"
@@ -150,7 +147,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, *, la
         for d in ckpt_dir.iterdir():
             if d.is_dir() and (d.name.startswith(".tmp-") or d.name.startswith("step-")) and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
-    _barrier()
+    barrier()
     return tag
 
 

@@ -162,10 +162,19 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
     """Train every (method, seed) not finished yet, then write the table and the plot; the exit code."""
     if runner is None:
         from hcd.engine.trainer import train as runner
-    d = _process_group()
+    from hcd.engine.distributed import distributed, init_process_group
+    with distributed() as d:  # the group goes at exit, as after every command
+        if d.world > 1:  # started here so the ranks can meet before the first run (train() reuses it)
+            init_process_group(d)
+        return _run_jobs(d, runner, config, methods, seeds, out, overrides)
+
+
+def _run_jobs(d, runner, config, methods, seeds, out, overrides) -> int:
+    """run_compare's loop on this process (d: its Dist)."""
+    from hcd.engine.distributed import barrier
     say = print if d.rank == 0 else (lambda *a, **k: None)
     base = load_base(config, overrides, methods) if d.rank == 0 else None
-    _barrier(d)  # rank 0 built the digits assets, if any, before the others load the config
+    barrier()  # rank 0 built the digits assets, if any, before the others load the config
     base = base or load_base(config, overrides, methods)
     out = Path(out or base.out).expanduser()
     seed_list = list(range(base.seed, base.seed + seeds))
@@ -176,12 +185,12 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
         cfg = dataclasses.replace(base, method=m, seed=s)
         validate(cfg)
         _check_same_config(folder, cfg)
-        _barrier(d)  # every rank sees the folder as the previous run left it
+        barrier()  # every rank sees the folder as the previous run left it
         if is_finished(folder, base.train.export):
             say(f"{tag}: finished earlier, skipped ({_result(folder)})", flush=True)
             continue
         resume = folder.is_dir() and (_prepare(folder) if d.rank == 0 else _has_checkpoint(folder))
-        _barrier(d)  # rank 0 cleared a run that never checkpointed before anyone starts it
+        barrier()  # rank 0 cleared a run that never checkpointed before anyone starts it
         left = len(jobs) - k + 1
         eta = f", ETA {_minutes(sum(timed) / len(timed) * left)}" if timed else ""
         say(f"{tag}: {'resuming' if resume else 'training'} in {folder} (elapsed "
@@ -208,27 +217,6 @@ def run_compare(config: str, methods: Sequence[str], seeds: int, out: Optional[s
         print(markdown(result), flush=True)
         print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}", flush=True)
     return 0
-
-
-def _process_group():
-    """This process's Dist; under a launcher with several processes the group is started here, so the ranks
-    can meet before the first run (train() reuses it)."""
-    from hcd.engine.distributed import init_process_group, process_env
-    d = process_env()
-    if d.world > 1:
-        init_process_group(d)
-        if d.owns_group:  # as distributed() does: the group goes at exit
-            import atexit
-
-            import torch.distributed as dist
-            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    return d
-
-
-def _barrier(d) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 def _has_checkpoint(folder: Path) -> bool:

@@ -73,6 +73,12 @@ def distributed():
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
+def barrier() -> None:
+    """Wait for every rank, when a process group is up (a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def control_group(d: Dist):
     """The group for host-side flags (stop requests): gloo, so a flag agreed there never waits for the GPU's
     queued work; None for one process."""
