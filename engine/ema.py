@@ -75,32 +75,11 @@ class StudentEma:
         self.module.load_state_dict(state["module"])
         self.best_top1 = state["best_top1"]
 
-    @torch.no_grad()
-    def forward(self, precision: str):
-        """images -> logits of the EMA weights (fp32) under the run's autocast (precision "" for none)."""
-        from hcd.engine.speed import autocast
-
-        def forward(images):
-            with autocast(precision, images.device.type):
-                return self.module(images.float())
-        return forward
-
 
 def build_ema(cfg, student: torch.nn.Module, device: torch.device) -> Optional[StudentEma]:
     """The EMA a run keeps (None with train.ema_decay off); built before DeepSpeed wraps the student."""
     t = cfg.train
     return StudentEma(student, t.ema_decay, t.ema_warmup, device) if t.ema_decay else None
-
-
-def evaluate_ema(run, precision: str) -> dict:
-    """The EMA's val accuracy, all ranks together (collective): the eval row's val_top1_ema, val_top5_ema and
-    best_top1_ema. Its BatchNorm statistics are settled over the ranks first (train.dist_bn)."""
-    from hcd.engine.evaluate import evaluate
-    ema = run.ema
-    ema.distribute_bn(run.cfg.train.dist_bn, run.d.world)
-    top1, top5, _ = evaluate(ema.forward(precision), run.val_loader, run.d.device, desc="ema eval")
-    ema.best_top1 = max(ema.best_top1, top1)
-    return {"val_top1_ema": top1, "val_top5_ema": top5, "best_top1_ema": ema.best_top1}
 
 
 def resume_ema(ema: Optional[StudentEma], student: torch.nn.Module, ckpt_dir: Path, tag: str, say) -> None:

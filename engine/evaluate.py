@@ -57,6 +57,15 @@ def student_forward(engine):
     return forward
 
 
+def fp32_forward(model, precision: str):
+    """images -> logits of a model whose weights are fp32 (an EMA, an export), under the run's autocast
+    (train.precision; none for fp32 and the -pure modes, whose 16-bit images are read as fp32)."""
+    def forward(images):
+        with autocast(precision, images.device.type):
+            return model(images.float())
+    return forward
+
+
 def evaluate_student(run, epoch) -> bool:
     """Val accuracy of a run's student (run: hcd.engine.trainer.Run), and of its EMA when the run keeps one,
     logged in one eval row; returns whether the student is the best so far."""
@@ -70,13 +79,17 @@ def evaluate_student(run, epoch) -> bool:
     s.best_top1 = max(s.best_top1, top1)
     row = {"kind": "eval", "epoch": epoch, "step": s.step, "val_top1": top1, "val_top5": top5,
            "val_samples": n_val, "best_top1": s.best_top1}
-    if run.ema is not None:
-        from hcd.engine.ema import evaluate_ema
-        row.update(evaluate_ema(run, autocast_precision(run.engine)))
+    ema = run.ema
+    if ema is not None:  # its BatchNorm statistics settled over the ranks first, as the student's
+        ema.distribute_bn(run.cfg.train.dist_bn, run.d.world)
+        e1, e5, _ = evaluate(fp32_forward(ema.module, autocast_precision(run.engine)), run.val_loader, run.d.device,
+                             desc="ema eval")
+        ema.best_top1 = max(ema.best_top1, e1)
+        row.update(val_top1_ema=e1, val_top5_ema=e5, best_top1_ema=ema.best_top1)
     run.log.write(row, s.step, "val/")
     if run.d.rank == 0:
         run.pbar.write(f"epoch {epoch:g}: student val top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-        if run.ema is not None:
+        if ema is not None:
             run.pbar.write(f"epoch {epoch:g}: student EMA val top-1 {row['val_top1_ema']:.2f}%  "
                            f"top-5 {row['val_top5_ema']:.2f}%")
     return best
@@ -153,9 +166,7 @@ def _evaluate_step_folder(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int
 
 
 def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
-    from hcd.engine.data import build_run_loaders
     from hcd.engine.export import load_exported
-    from hcd.engine.models import norm_stats
     meta = weights / "config.json" if weights.is_dir() else weights.with_suffix(".json")
     if not meta.is_file() or not (weights.is_dir() or weights.is_file()):
         raise ModelError(f"--checkpoint: {weights} or its {meta.name} is missing")
@@ -163,22 +174,27 @@ def _evaluate_export(cfg: Config, weights: Path, d: Dist) -> int:
     if arch != cfg.model.student:
         rank0_print(d, f"note: {weights.name} holds a {arch} (its .json says how to build it); the config's "
                        f"model.student ({cfg.model.student}) is not used")
-    model = load_exported(weights).to(d.device).eval()
-    mean, std = norm_stats(model)
-    _, val_loader = build_run_loaders(cfg, mean, std, d)
-    if d.world > 1:
-        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
-    with autocast(cfg.train.precision, d.device.type):  # as the run evaluated it (fp32 for fp32 and -pure)
-        s1, s5, n = evaluate(lambda x: model(x.float()), val_loader, d.device)  # -pure: 16-bit images
+    s1, s5, n, _ = _evaluate_model(cfg, load_exported(weights), d)
     rank0_print(d, f"student {weights}: val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     return 0
+
+
+def _evaluate_model(cfg: Config, model, d: Dist, desc: str = "eval") -> tuple:
+    """(top-1, top-5, samples, val loader) of a model with fp32 weights (an export, an EMA) on the config's val
+    split, all ranks together, evaluated as the run evaluated it (fp32_forward)."""
+    from hcd.engine.data import build_run_loaders
+    from hcd.engine.models import norm_stats
+    model = model.to(d.device).eval()
+    _, val_loader = build_run_loaders(cfg, *norm_stats(model), d)
+    if d.world > 1:
+        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
+    return (*evaluate(fp32_forward(model, cfg.train.precision), val_loader, d.device, desc=desc), val_loader)
 
 
 def _evaluate_ema(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int:
     """The EMA of the student a step folder holds (ema.pt): built as the config's student (no DeepSpeed: the
     EMA is whole in every checkpoint), evaluated as the trainer evaluated it (fp32 weights under the run's
     autocast), and exported into the step folder as student_ema."""
-    from hcd.engine.data import build_run_loaders
     from hcd.engine.export import export_state_dict
     from hcd.engine.models import build_student, norm_stats
     saved = checkpoint.read_ema(ckpt_dir, tag)
@@ -191,15 +207,9 @@ def _evaluate_ema(cfg: Config, ckpt_dir: Path, tag: str, d: Dist) -> int:
     except RuntimeError as e:
         raise ConfigError(f"--ema: the EMA in {ckpt_dir / tag} is not a {m.student} of this config "
                           f"({str(e).splitlines()[0]}); evaluate it with its run's config") from None
-    model = model.to(d.device).eval()
-    stats = norm_stats(model)
-    _, val_loader = build_run_loaders(cfg, *stats, d)
-    if d.world > 1:
-        init_process_group(d)  # the val split is sharded over the ranks: counts are summed
-    with autocast(cfg.train.precision, d.device.type):  # fp32 weights: the -pure modes evaluate in fp32
-        s1, s5, n = evaluate(lambda x: model(x.float()), val_loader, d.device, desc="ema eval")  # -pure: 16-bit images
+    s1, s5, n, val_loader = _evaluate_model(cfg, model, d, desc="ema eval")
     rank0_print(d, f"student EMA {m.student} ({ckpt_dir / tag}): val top-1 {s1:.2f}%  top-5 {s5:.2f}%  ({n} images)")
     if d.rank == 0:
-        export_state_dict(cfg, saved["module"], stats, ckpt_dir / tag, val_loader.classes, "student_ema",
+        export_state_dict(cfg, saved["module"], norm_stats(model), ckpt_dir / tag, val_loader.classes, "student_ema",
                           "the student's EMA")
     return 0

@@ -143,10 +143,11 @@ def export_from_engine(cfg, engine, out_dir: Path, rank: int, class_names, stem:
     from hcd.engine.models import norm_stats
     sd = student_state_dict(engine, cfg.deepspeed.zero_stage, rank)
     if rank == 0:
-        export_state_dict(cfg, sd, norm_stats(engine.module.student.model), out_dir, class_names, stem)
+        stats = norm_stats(engine.module.student.model)
+        export_state_dict(cfg, sd, stats, out_dir, class_names, stem)
         if ema is not None:
-            export_state_dict(cfg, ema.module.state_dict(), norm_stats(engine.module.student.model), out_dir,
-                              class_names, f"{stem}_ema", "the student's EMA")
+            export_state_dict(cfg, ema.module.state_dict(), stats, out_dir, class_names, f"{stem}_ema",
+                              "the student's EMA")
 
 
 def export_state_dict(cfg, sd: dict, stats: tuple, out_dir: Path, class_names, stem: str,
