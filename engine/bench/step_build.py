@@ -103,11 +103,8 @@ def augmented_step_fn(run: "trainer.Run", images, labels) -> Callable[[], None]:
     cutmix: BatchAugment.apply) on a copy of the batch. Left out: the loader wrapper's per-batch RNG seeding
     (rng.seeded_globals, ~0.2 ms of host time per batch on CPU). run.state.step stays 0, so every EMA update
     is the first one's (decay 0, a copy): the same work as any later update."""
-    from hcd.engine.data.batch_aug import BatchAugment
-    c, d = run.cfg, run.cfg.data
-    aug = BatchAugment(None, num_classes=c.model.num_classes, seed=c.seed, rank=0, reprob=d.reprob, mixup=d.mixup,
-                       cutmix=d.cutmix, mixup_prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
-                       label_smoothing=c.loss.label_smoothing, device=images.device)
+    from hcd.engine.data.batch_aug import batch_augment
+    aug = batch_augment(run.cfg, None, 0, images.device)
 
     def step():
         x, target = aug.apply(images.clone(), labels)

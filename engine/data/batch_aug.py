@@ -112,11 +112,14 @@ class BatchAugment:
         return images, torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def wrap_train_loader(loader, cfg, rank: int, device):
-    """`loader` wrapped in BatchAugment per cfg.data, or `loader` itself when no batch augmentation is set."""
+def batch_augment(cfg, loader, rank: int, device) -> BatchAugment:
+    """The run config's BatchAugment around `loader` (None: apply() only, as `hcd bench`'s step does)."""
     d = cfg.data
-    if not batch_augment_active(d):
-        return loader
     return BatchAugment(loader, num_classes=cfg.model.num_classes, seed=cfg.seed, rank=rank, reprob=d.reprob,
                         mixup=d.mixup, cutmix=d.cutmix, mixup_prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
                         label_smoothing=cfg.loss.label_smoothing, device=device)
+
+
+def wrap_train_loader(loader, cfg, rank: int, device):
+    """`loader` wrapped in BatchAugment per cfg.data, or `loader` itself when no batch augmentation is set."""
+    return batch_augment(cfg, loader, rank, device) if batch_augment_active(cfg.data) else loader
